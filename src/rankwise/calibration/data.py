@@ -1,0 +1,133 @@
+"""Calibration text: N token windows of L tokens, drawn (seeded) from a named source or a user file.
+
+The data-aware methods (ASVD, SVD-LLM, FWSVD) need a few hundred sequences of ordinary text. The field
+samples random 2048-token windows from the WikiText-2 *train* split, which is not available offline here,
+so rankwise's default source ``wikitext2`` is the WikiText-2 **validation** split
+(``wikitext-2-tokens/wiki.valid.tokens``): real Wikipedia text of the same distribution, disjoint from the
+test split that WikiText-2 perplexity is reported on, so calibrating on it does not leak the evaluation
+set. Its caveat: it is the tokenized release (``<unk>`` for rare words, spaces around punctuation such as
+``" , "`` and ``" @-@ "``), slightly different from raw text. ``wikitext2-test`` (the raw test split) is
+offered for parity with papers that calibrate on it, with the leakage that implies for test perplexity.
+Any ``.txt`` file (or ``.jsonl`` with a ``text`` field) works too: pass its path as the dataset.
+
+Windows are random slices of the whole source's token stream (one tokenization, no padding, every window
+exactly L tokens), chosen by a seeded ``torch.Generator`` so a run is reproducible and cacheable.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rankwise.errors import DataError
+from rankwise.settings import data_dir as resolve_data_dir
+
+#: Named sources: name -> (file under the data folder, format, one-line description).
+SOURCES: dict[str, tuple[str, str, str]] = {
+    "wikitext2": ("wikitext-2-tokens/wiki.valid.tokens", "text",
+                  "WikiText-2 validation split (tokenized release); disjoint from the test split"),
+    "wikitext2-test": ("wikitext-2-raw/wiki.test.raw", "text",
+                       "WikiText-2 raw test split (leaks into WikiText-2 test perplexity)"),
+}
+DEFAULT_SOURCE = "wikitext2"
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Which calibration data to use: source, number of windows, window length, seed.
+
+    ``batch_size`` only sets how many windows go through the model at once (memory vs speed); it does
+    not change which tokens are seen, so it is not part of the cache key.
+    """
+
+    dataset: str = DEFAULT_SOURCE
+    n_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    batch_size: int = 4
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("n_samples", "seq_len", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DataError(f"calibration {name.replace('_', '-')}: {value!r} must be an integer >= 1")
+
+    def describe(self) -> dict[str, Any]:
+        """The settings that decide the tokens (for reports and the cache's metadata)."""
+        out = asdict(self)
+        out.pop("batch_size")
+        out.pop("data_dir")
+        return out
+
+
+def source_path(dataset: str, data_dir: str | None = None) -> tuple[Path, str]:
+    """The file behind a named source or a user path, and its format (``text`` or ``jsonl``)."""
+    if dataset in SOURCES:
+        rel, fmt, _ = SOURCES[dataset]
+        root = resolve_data_dir(data_dir)
+        if root is None:
+            raise DataError(f"calibration data '{dataset}' needs the data folder: set RANKWISE_DATA or --data-dir")
+        path = root / rel
+        if not path.is_file():
+            raise DataError(f"calibration data '{dataset}': {path} not found")
+        return path, fmt
+    path = Path(dataset).expanduser()
+    if not path.is_file():
+        raise DataError(
+            f"calibration data '{dataset}': neither a named source ({', '.join(SOURCES)}) nor an existing file")
+    if path.suffix not in (".txt", ".raw", ".tokens", ".jsonl"):
+        raise DataError(f"calibration file {path}: expected a .txt file or a .jsonl file with a 'text' field")
+    return path, "jsonl" if path.suffix == ".jsonl" else "text"
+
+
+def read_text(path: Path, fmt: str) -> str:
+    """The whole source as one string (JSONL rows joined by blank lines, as WikiText rows are)."""
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"calibration file {path}: unreadable ({exc})") from None
+    if fmt == "text":
+        return raw
+    rows = []
+    for i, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise DataError(f"calibration file {path}: line {i} is not JSON") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise DataError(f"calibration file {path}: line {i} has no string field 'text'")
+        rows.append(row["text"])
+    return "\n\n".join(rows)
+
+
+def sample_windows(token_ids: torch.Tensor, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``n_samples`` random windows of ``seq_len`` tokens (an n × L int64 tensor), seeded.
+
+    Windows may overlap when the source is short; a source shorter than one window is an error.
+    """
+    total = int(token_ids.numel())
+    if total < seq_len:
+        raise DataError(f"calibration text has {total} tokens, fewer than one window of {seq_len}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, total - seq_len + 1, (n_samples,), generator=gen)
+    offsets = torch.arange(seq_len)
+    return token_ids[starts[:, None] + offsets[None, :]].to(torch.int64)
+
+
+def calibration_ids(tokenizer: Any, config: CalibrationConfig, max_length: int | None = None) -> torch.Tensor:
+    """Token windows for ``config`` (n_samples × seq_len), tokenized with the model's own tokenizer."""
+    if tokenizer is None:
+        raise DataError("calibration needs the model's tokenizer (pass tokenizer=...)")
+    if max_length is not None and config.seq_len > max_length:
+        raise DataError(f"calibration seq-len {config.seq_len} exceeds the model's maximum length {max_length}")
+    path, fmt = source_path(config.dataset, config.data_dir)
+    text = read_text(path, fmt)
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return sample_windows(torch.tensor(ids, dtype=torch.int64), config.n_samples, config.seq_len, config.seed)

@@ -1,0 +1,195 @@
+"""Saving a decomposed model as a Hugging Face folder, and loading any model (checkpoints included).
+
+:func:`save` writes, into a temp folder next to ``out`` that is renamed into place only when complete:
+
+* ``model.safetensors`` - transformers' own ``save_pretrained``: the factor tensors under their module
+  names, no dense copy of a decomposed weight, tied embeddings stored once;
+* ``config.json`` - the model's config plus ``quantization_config`` (:mod:`rankwise.checkpoint.format`)
+  and an ``auto_map`` pointing at ``modeling_rankwise.py``;
+* ``modeling_rankwise.py`` - a self-contained model class (torch + transformers only) for
+  ``from_pretrained(out, trust_remote_code=True)`` in a process without rankwise;
+* the tokenizer's files and ``decomposition_report.json``.
+
+So the folder loads three ways: ``rankwise.load(out)``; plain ``AutoModel*.from_pretrained(out)`` after
+``import rankwise`` (the registered quantizer rebuilds the factorized layers); and ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from rankwise.checkpoint.format import (
+    FORMAT_VERSION,
+    MODELING_FILE,
+    QUANT_METHOD,
+    REPORT_FILE,
+    factorized_modules,
+    is_checkpoint,
+    read_config,
+)
+from rankwise.errors import ModelLoadError, RankwiseError, first_line
+
+#: Auto classes tried, in order, for the ``auto_map`` of the remote-code model class.
+_AUTO_CLASSES = (
+    ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    ("AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
+    ("AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+    ("AutoModel", "MODEL_MAPPING_NAMES"),
+)
+
+
+class CheckpointError(RankwiseError):
+    """A checkpoint that cannot be written where asked (exists, not a folder, not a transformers model)."""
+
+
+def base_architecture(model: nn.Module) -> str | None:
+    """The transformers class the model is (or, for a remote-code class, derives from)."""
+    import transformers
+
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers.") and getattr(transformers, cls.__name__, None) is cls:
+            return cls.__name__
+    return None
+
+
+def auto_class_for(arch: str) -> str | None:
+    """The Auto class that maps a config to ``arch`` (``LlamaForCausalLM`` -> ``AutoModelForCausalLM``)."""
+    from transformers.models.auto import modeling_auto
+
+    for auto_name, mapping_name in _AUTO_CLASSES:
+        mapping = getattr(modeling_auto, mapping_name, {})
+        for value in mapping.values():
+            if value == arch or (isinstance(value, tuple | list) and arch in value):
+                return auto_name
+    return None
+
+
+def modeling_source(arch: str) -> str:
+    """The remote-code file for ``arch``: the packaged template plus a class for that architecture."""
+    template = importlib.resources.files("rankwise.checkpoint").joinpath(MODELING_FILE).read_text()
+    return template + (
+        f"\nfrom transformers import {arch} as _RankwiseBase  # noqa: E402\n\n\n"
+        f"class Rankwise{arch}(RankwiseModelMixin, _RankwiseBase):\n"
+        f'    """{arch} with the factorized layers listed in config.json injected after construction."""\n'
+    )
+
+
+def quantization_config(model: nn.Module, plan: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``quantization_config`` block describing the model's factorized layers."""
+    return {"quant_method": QUANT_METHOD, "version": FORMAT_VERSION, "modules": factorized_modules(model),
+            "plan": plan}
+
+
+def _existing_plan(model: nn.Module) -> dict[str, Any] | None:
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is None:
+        return None
+    return qc.get("plan") if isinstance(qc, dict) else getattr(qc, "plan", None)
+
+
+def save(model: nn.Module, out: str | os.PathLike[str], tokenizer: Any = None, report: Any = None,
+         overwrite: bool = False) -> Path:
+    """Write ``model`` (decomposed or not) as a self-describing Hugging Face folder at ``out``; returns it.
+
+    ``report`` (a :class:`~rankwise.decomposition_report.DecompositionReport`; default: the one
+    :func:`rankwise.decompose` attached to the model) provides the plan and ``decomposition_report.json``.
+    An existing ``out`` is an error unless ``overwrite``; either way ``out`` is replaced in one rename.
+    """
+    from rankwise.surgery import REPORT_ATTR
+
+    out = Path(out).expanduser()
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists (pass --overwrite / overwrite=True to replace it)")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a folder")
+    if not hasattr(model, "save_pretrained") or getattr(model, "config", None) is None:
+        raise CheckpointError(f"cannot save a {type(model).__name__}: not a transformers model")
+    report = report if report is not None else getattr(model, REPORT_ATTR, None)
+    plan = getattr(report, "plan", None) if report is not None else _existing_plan(model)
+    arch = base_architecture(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _save_pretrained_quietly(model, tmp)
+        config = read_config(tmp) or {}
+        config["quantization_config"] = quantization_config(model, plan)
+        config.pop("auto_map", None)
+        if arch is not None:
+            config["architectures"] = [arch]
+            auto = auto_class_for(arch)
+            if auto is not None:
+                (tmp / MODELING_FILE).write_text(modeling_source(arch))
+                config["auto_map"] = {auto: f"{MODELING_FILE.removesuffix('.py')}.Rankwise{arch}"}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if report is not None:
+            text = report.to_json() if hasattr(report, "to_json") else json.dumps(report, indent=2)
+            (tmp / REPORT_FILE).write_text(text + "\n")
+        _replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _save_pretrained_quietly(model: nn.Module, folder: Path) -> None:
+    """transformers' ``save_pretrained`` without its own progress bar (rankwise prints its own output)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed after."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, trash / out.name)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(trash / out.name, out)
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def checkpoint_dtype(folder: str | os.PathLike[str]) -> str | None:
+    """The dtype a rankwise checkpoint was saved in (``float32``, ``bfloat16``, ``float16``), if recorded."""
+    config = read_config(folder) or {}
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else None
+
+
+def load(spec: str | os.PathLike[str], dtype: str | None = None, device: str = "cpu"):
+    """Load any model spec (bundled alias, folder, .gguf, hub id), including rankwise checkpoints.
+
+    A rankwise checkpoint keeps the dtype it was saved in unless ``dtype`` says otherwise; other models
+    load in float32 by default. Returns :class:`~rankwise.models.LoadedModel` (model, tokenizer, info).
+    """
+    from rankwise.models import load as load_model
+
+    path = Path(str(spec)).expanduser()
+    if dtype is None:
+        dtype = (checkpoint_dtype(path) if path.is_dir() and is_checkpoint(path) else None) or "float32"
+    try:
+        return load_model(spec, dtype=dtype, device=device)
+    except RankwiseError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load {spec}: {first_line(exc)}") from None

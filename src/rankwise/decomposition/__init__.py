@@ -1,0 +1,38 @@
+"""Decomposition methods (Tucker, SVD, ASVD, SVD-LLM, FWSVD), their shared interface, and SVD solvers.
+
+Importing this package imports every method module, which registers each method by name; look methods up
+with :func:`get_method`. To add a method, write one class in one new module (subclass
+:class:`DecompositionMethod`, decorate with :func:`register_method`) and import it below.
+"""
+
+from rankwise.decomposition import asvd, fwsvd, svd, svd_llm, tucker
+from rankwise.decomposition.base import (
+    CalibrationStats,
+    DecompositionMethod,
+    Factors,
+    MethodResult,
+    available_methods,
+    check_weight,
+    get_method,
+    register_method,
+    relative_error,
+    weighted_error,
+)
+
+__all__ = [
+    "CalibrationStats",
+    "DecompositionMethod",
+    "Factors",
+    "MethodResult",
+    "asvd",
+    "available_methods",
+    "check_weight",
+    "fwsvd",
+    "get_method",
+    "register_method",
+    "relative_error",
+    "svd",
+    "svd_llm",
+    "tucker",
+    "weighted_error",
+]

@@ -1,0 +1,128 @@
+"""SVD-LLM — truncation-aware data whitening (Wang et al. 2024, arXiv:2403.07378).
+
+What matters is the layer's output on real inputs, ‖X·(W − Ŵ)ᵀ‖_F, not ‖W − Ŵ‖_F. With the calibration
+Gram XᵀX = S·Sᵀ (S lower-triangular, Cholesky) that error equals ‖(W − Ŵ)·S‖_F, so SVD-LLM truncates the
+*whitened* matrix W·S = U·Σ·Vᵀ: keeping the top r gives A = U_r·√Σ_r and Bᵀ = √Σ_r·V_rᵀ·S⁻¹ (a triangular
+solve, never an explicit inverse). Each dropped singular value then maps directly to output error:
+the whitened error is sqrt(Σ_{i>r} σ_i²)/‖W·S‖ — provably optimal for this objective.
+
+The Gram of a short calibration set is often singular (dead channels, fewer tokens than features), so
+the Cholesky step has a logged fallback chain, each step recorded in ``MethodResult.fallbacks``:
+float64 Cholesky → Cholesky of XᵀX + ε·mean(diag)·I for ε = 1e-6, 1e-5, …, 1e-2 → eigendecomposition
+with eigenvalues clamped at a small positive floor (S = Q·√Λ). It never fails silently.
+Needs calibration statistic ``gram``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from rankwise.decomposition.base import (
+    CalibrationStats,
+    DecompositionMethod,
+    Factors,
+    MethodResult,
+    Rank,
+    check_weight,
+    register_method,
+)
+from rankwise.decomposition.solvers import singular_values, truncated_svd
+from rankwise.errors import DecompositionError
+
+log = logging.getLogger(__name__)
+
+JITTERS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+EIG_FLOOR = 1e-6  # eigenvalues clamped at EIG_FLOOR × mean(diag) in the last fallback
+
+
+@dataclass
+class Whitening:
+    """S with XᵀX ≈ S·Sᵀ (float64): lower-triangular L (Cholesky), or Q·diag(root) (eigen fallback)."""
+
+    S: torch.Tensor  # (n, n)
+    kind: str  # "cholesky", "cholesky+jitter" or "eigh"
+    Q: torch.Tensor | None = None  # eigenvectors, eigen fallback only
+    root: torch.Tensor | None = None  # sqrt of the clamped eigenvalues, eigen fallback only
+
+    def right_solve(self, C: torch.Tensor) -> torch.Tensor:
+        """C·S⁻¹ for C (r×n), without forming S⁻¹."""
+        C = C.to(torch.float64)
+        if self.Q is None or self.root is None:
+            return torch.linalg.solve_triangular(self.S, C, upper=False, left=False)
+        return (C / self.root) @ self.Q.T  # S = Q·diag(root) ⇒ S⁻¹ = diag(1/root)·Qᵀ
+
+
+def _note(fallbacks: list[str], text: str) -> None:
+    log.warning(text)
+    fallbacks.append(text)
+
+
+def whitening(gram: torch.Tensor, n: int, fallbacks: list[str]) -> Whitening:
+    """The whitening factor of a calibration Gram, following the documented fallback chain."""
+    G = gram.detach().to(torch.float64)
+    if tuple(G.shape) != (n, n):
+        raise DecompositionError(f"svd-llm: gram has shape {tuple(G.shape)}, weight has {n} input features")
+    if not bool(torch.isfinite(G).all()):
+        raise DecompositionError("svd-llm: calibration gram contains NaN/Inf")
+    G = 0.5 * (G + G.T)
+    scale = float(torch.diagonal(G).mean())
+    if scale <= 0.0:
+        raise DecompositionError("svd-llm: calibration gram is zero (no activations reached this layer)")
+    L, info = torch.linalg.cholesky_ex(G)
+    if int(info) == 0:
+        return Whitening(L, "cholesky")
+    eye = torch.eye(n, dtype=torch.float64)
+    for eps in JITTERS:
+        L, info = torch.linalg.cholesky_ex(G + (eps * scale) * eye)
+        if int(info) == 0:
+            _note(fallbacks, f"svd-llm: cholesky failed (gram not positive definite); added jitter {eps:g}·mean(diag)")
+            return Whitening(L, "cholesky+jitter")
+    lam, Q = torch.linalg.eigh(G)
+    floor = EIG_FLOOR * scale
+    clamped = int((lam < floor).sum())
+    root = torch.sqrt(lam.clamp_min(floor))
+    _note(fallbacks, f"svd-llm: cholesky failed even with jitter {JITTERS[-1]:g}; used eigendecomposition "
+                     f"with {clamped} of {n} eigenvalues clamped at {EIG_FLOOR:g}·mean(diag)")
+    return Whitening(Q * root, "eigh", Q=Q, root=root)
+
+
+@register_method
+class SVDLLM(DecompositionMethod):
+    """SVD of the whitened W·S (XᵀX = S·Sᵀ), unwhitened by a triangular solve; two factors of rank r."""
+
+    name = "svd-llm"
+    needs = frozenset({"gram"})
+    form = "two_factor"
+    summary = "truncation-aware whitening (Cholesky of the calibration Gram; needs gram)"
+
+    def __init__(self, solver: str = "auto") -> None:
+        self.solver = solver
+
+    def decompose(self, weight: torch.Tensor, rank: Rank, stats: CalibrationStats | None = None) -> MethodResult:
+        W = check_weight(weight, self.name)
+        stats = self.check_stats(stats)
+        r, _ = self.ranks_for(rank, *W.shape)
+        fallbacks: list[str] = []
+        white = whitening(stats.gram, W.shape[1], fallbacks)  # type: ignore[arg-type]
+        M = (W.to(torch.float64) @ white.S).to(torch.float32)
+        res = truncated_svd(M, r, self.solver)
+        root = torch.sqrt(res.s.clamp_min(0)).to(torch.float64)
+        A = (res.U.to(torch.float64) * root).float().contiguous()
+        Bt = white.right_solve(root[:, None] * res.V.to(torch.float64).T)  # √Σ_r·V_rᵀ·S⁻¹, (r × n)
+        B = Bt.T.float().contiguous()
+        if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
+            raise DecompositionError(f"svd-llm: factors of the {W.shape[0]}x{W.shape[1]} weight are not finite "
+                                     f"(whitening '{white.kind}' too ill-conditioned)")
+        total = float(torch.linalg.norm(M.to(torch.float64))) ** 2
+        kept = float((res.s.to(torch.float64) ** 2).sum())
+        whitened = (max(total - kept, 0.0) / total) ** 0.5 if total > 0 else 0.0
+        return MethodResult(Factors(A, None, B), fallbacks, res.solver, {"whitened_error": whitened})
+
+    def singular_values(self, weight: torch.Tensor, stats: CalibrationStats | None = None) -> torch.Tensor:
+        W = check_weight(weight, self.name)
+        stats = self.check_stats(stats)
+        white = whitening(stats.gram, W.shape[1], [])  # type: ignore[arg-type]
+        return singular_values((W.to(torch.float64) @ white.S).to(torch.float32))

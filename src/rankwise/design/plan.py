@@ -1,0 +1,243 @@
+"""Decomposition plans: which targets to decompose, and how.
+
+A *target* is a (layer, role) pair; a *plan* maps targets to a :class:`DecompSpec` (method, rank, force).
+Plans are written by people in YAML or JSON::
+
+    method: tucker          # default method for every rule
+    rank: 1                 # int rank, parameter fraction in (0, 1), or "energy:0.9"
+    layers: [2, 17, 31]     # or "20-29", "2,17,31", "all"
+    tensors: all            # or [mlp], [q, k, v, o]
+    overrides:              # later rules win; a rule with skip: true leaves its targets dense
+      - {layers: "20-29", tensors: [down], rank: 0.5, method: svd}
+      - {layers: [17], tensors: [q], skip: true}
+
+Parsing checks the plan's own fields; :meth:`Plan.resolve` checks it against a model (layers in range,
+roles that exist, exact ranks within 1..min(m, n)). Every error is a one-line :class:`PlanError` naming
+the field. ``Plan.from_dict(p.to_dict()) == p`` holds, so plans round-trip through YAML and JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rankwise.design.ranks import RankSpec, parse_rank, resolve_rank
+from rankwise.design.selectors import LayerSelector, TensorSelector, parse_layers, parse_tensors
+from rankwise.errors import PlanError
+from rankwise.models.adapters import TargetInfo
+
+Target = tuple[int, str]
+FOLD_CHOICES = ("auto", True, False)
+
+
+@dataclass(frozen=True)
+class DecompSpec:
+    """How one target is decomposed: method name, rank spec, and whether to factorize above break-even."""
+
+    method: str
+    rank: RankSpec
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Selectors plus the settings they apply; ``None`` settings inherit the plan's defaults."""
+
+    layers: LayerSelector
+    tensors: TensorSelector = "all"
+    method: str | None = None
+    rank: RankSpec | None = None
+    force: bool | None = None
+    skip: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"layers": _plain(self.layers), "tensors": _plain(self.tensors)}
+        if self.method is not None:
+            out["method"] = self.method
+        if self.rank is not None:
+            out["rank"] = self.rank.to_plain()
+        if self.force is not None:
+            out["force"] = self.force
+        if self.skip:
+            out["skip"] = True
+        return out
+
+
+_RULE_KEYS = {"layers", "tensors", "method", "rank", "force", "skip"}
+_PLAN_KEYS = {"method", "rank", "layers", "tensors", "force", "fold", "overrides", "name"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A whole decomposition plan: defaults, a base rule, and overrides applied in order."""
+
+    layers: LayerSelector = "all"
+    tensors: TensorSelector = "all"
+    method: str = "tucker"
+    rank: RankSpec = field(default_factory=lambda: RankSpec("exact", 1))
+    force: bool = False
+    fold: str | bool = "auto"
+    overrides: tuple[Rule, ...] = ()
+    name: str | None = None
+
+    # --- construction ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        if not isinstance(data, Mapping):
+            raise PlanError("plan: expected a mapping of fields (method, rank, layers, tensors, overrides)")
+        unknown = sorted(set(data) - _PLAN_KEYS)
+        if unknown:
+            raise PlanError(f"plan: unknown field '{unknown[0]}' (known: {', '.join(sorted(_PLAN_KEYS))})")
+        method = _check_method(data.get("method", "tucker"), "method")
+        rank = parse_rank(data.get("rank", 1), "rank")
+        force = _check_bool(data.get("force", False), "force")
+        fold = data.get("fold", "auto")
+        if fold not in FOLD_CHOICES or (isinstance(fold, int) and not isinstance(fold, bool)):
+            raise PlanError(f"fold: {fold!r} must be auto, true or false")
+        layers = _check_layers(data.get("layers", "all"), "layers")
+        tensors = _check_tensors(data.get("tensors", "all"), "tensors")
+        raw_overrides = data.get("overrides") or []
+        if not isinstance(raw_overrides, list):
+            raise PlanError("overrides: expected a list of rules")
+        overrides = tuple(_rule_from_dict(r, f"overrides[{i}]") for i, r in enumerate(raw_overrides))
+        name = data.get("name")
+        if name is not None and not isinstance(name, str):
+            raise PlanError("name: expected a string")
+        return cls(layers=layers, tensors=tensors, method=method, rank=rank, force=force, fold=fold,
+                   overrides=overrides, name=name)
+
+    @classmethod
+    def simple(cls, layers: LayerSelector = "all", tensors: TensorSelector = "all", rank: object = 1,
+               method: str = "tucker", force: bool = False, fold: str | bool = "auto") -> Plan:
+        """A one-rule plan, as the CLI's ``--layers --tensors --rank --method`` flags describe."""
+        return cls.from_dict({"layers": layers, "tensors": tensors, "rank": rank, "method": method,
+                              "force": force, "fold": fold})
+
+    @classmethod
+    def from_text(cls, text: str, fmt: str = "yaml") -> Plan:
+        try:
+            data = json.loads(text) if fmt == "json" else yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError) as exc:
+            raise PlanError(f"plan: not valid {fmt.upper()} ({str(exc).splitlines()[0]})") from None
+        return cls.from_dict(data if data is not None else {})
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Plan:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise PlanError(f"plan file {path}: {exc.strerror or exc}") from None
+        return cls.from_text(text, "json" if path.suffix == ".json" else "yaml")
+
+    # --- serialisation ---------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.name is not None:
+            out["name"] = self.name
+        out.update({"method": self.method, "rank": self.rank.to_plain(), "layers": _plain(self.layers),
+                    "tensors": _plain(self.tensors)})
+        if self.force:
+            out["force"] = True
+        if self.fold != "auto":
+            out["fold"] = self.fold
+        if self.overrides:
+            out["overrides"] = [r.to_dict() for r in self.overrides]
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.write_text(self.to_json() if path.suffix == ".json" else self.to_yaml())
+
+    # --- resolution against a model -------------------------------------------------------------------------
+    def rules(self) -> Iterable[tuple[str, Rule]]:
+        """The base rule then the overrides, each with the field prefix its errors should name."""
+        yield "", Rule(layers=self.layers, tensors=self.tensors)
+        for i, rule in enumerate(self.overrides):
+            yield f"overrides[{i}].", rule
+
+    def resolve(self, targets: Sequence[TargetInfo], roles: Sequence[str],
+                groups: Mapping[str, Sequence[str]] | None = None,
+                known_methods: Iterable[str] | None = None) -> dict[Target, DecompSpec]:
+        """The spec of every selected target of a model, validating the plan against it."""
+        by_target = {(t.layer, t.role): t for t in targets}
+        n_layers = 1 + max((t.layer for t in targets), default=-1)
+        methods = set(known_methods) if known_methods is not None else None
+        chosen: dict[Target, DecompSpec] = {}
+        for prefix, rule in self.rules():
+            layers = parse_layers(rule.layers, n_layers, f"{prefix}layers")
+            roles_sel = parse_tensors(rule.tensors, roles, groups, f"{prefix}tensors")
+            method = rule.method or self.method
+            if methods is not None and method not in methods:
+                raise PlanError(f"{prefix or ''}method: unknown method '{method}' (known: {', '.join(sorted(methods))})")
+            for layer in layers:
+                for role in roles_sel:
+                    key = (layer, role)
+                    if rule.skip:
+                        chosen.pop(key, None)
+                        continue
+                    base = chosen.get(key)
+                    rank = rule.rank or (base.rank if base else self.rank)
+                    force = rule.force if rule.force is not None else (base.force if base else self.force)
+                    meth = rule.method or (base.method if base else self.method)
+                    info = by_target[key]
+                    if rank.kind == "exact":
+                        resolve_rank(rank, info.out_features, info.in_features,
+                                     field=f"{prefix}rank (layer {layer} {role})")
+                    chosen[key] = DecompSpec(method=meth, rank=rank, force=force)
+        return dict(sorted(chosen.items(), key=lambda kv: (kv[0][0], roles.index(kv[0][1]))))
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _check_method(value: Any, field_name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise PlanError(f"{field_name}: expected a method name, got {value!r}")
+    return value
+
+
+def _check_bool(value: Any, field_name: str) -> bool:
+    if not isinstance(value, bool):
+        raise PlanError(f"{field_name}: expected true or false, got {value!r}")
+    return value
+
+
+def _check_layers(value: Any, field_name: str) -> LayerSelector:
+    parse_layers(value, None, field_name)  # syntax only; range is checked against the model in resolve()
+    return tuple(value) if isinstance(value, list) else value  # type: ignore[return-value]
+
+
+def _check_tensors(value: Any, field_name: str) -> TensorSelector:
+    parse_tensors(value, None, None, field_name)
+    return tuple(value) if isinstance(value, list) else value  # type: ignore[return-value]
+
+
+def _rule_from_dict(data: Any, prefix: str) -> Rule:
+    if not isinstance(data, Mapping):
+        raise PlanError(f"{prefix}: expected a mapping with layers, tensors, rank, method")
+    unknown = sorted(set(data) - _RULE_KEYS)
+    if unknown:
+        raise PlanError(f"{prefix}: unknown field '{unknown[0]}' (known: {', '.join(sorted(_RULE_KEYS))})")
+    if "layers" not in data:
+        raise PlanError(f"{prefix}.layers: missing (say which layers the override applies to)")
+    return Rule(
+        layers=_check_layers(data["layers"], f"{prefix}.layers"),
+        tensors=_check_tensors(data.get("tensors", "all"), f"{prefix}.tensors"),
+        method=_check_method(data["method"], f"{prefix}.method") if "method" in data else None,
+        rank=parse_rank(data["rank"], f"{prefix}.rank") if "rank" in data else None,
+        force=_check_bool(data["force"], f"{prefix}.force") if "force" in data else None,
+        skip=_check_bool(data.get("skip", False), f"{prefix}.skip"),
+    )

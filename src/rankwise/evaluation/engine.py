@@ -1,0 +1,425 @@
+"""Log-likelihood scoring of continuations, numerically the same as lm-eval's HFLM but faster.
+
+What is computed is exactly lm-eval 0.4.13's ``HFLM.loglikelihood``: the context's trailing whitespace
+moves to the continuation, ``context + continuation`` is encoded whole and the continuation tokens are the
+ones after the context's own encoding (:func:`encode_pair`); sequences longer than the model's maximum
+length lose tokens on the left; the score is the sum of the continuation tokens' log-probabilities and
+``is_greedy`` says whether every continuation token is the argmax.
+
+How it is computed differs, because a multiple-choice question asks for the same context several times:
+
+* requests are grouped by their (token) context; a group's context runs through the model once, with the
+  key/value cache kept, and every choice's continuation is then scored from a copy of that cache
+  ("shared-context" strategy). A question with 4 choices costs one context pass instead of four.
+* a request whose context nobody shares runs as one sequence (context + continuation), like lm-eval.
+* passes are batched with their sequences sorted by length (little padding), under ``torch.inference_mode``.
+* the LM head and the log-softmax are evaluated only at the positions that predict continuation tokens
+  (``logits_to_keep`` with a boolean mask), never over the whole sequence and full vocabulary.
+* every distinct context string is tokenized once.
+
+Contexts are left-padded (with explicit position ids) so that every context ends in the last column and
+the cache rows line up; padding is masked, so the scores equal the unpadded ones up to float rounding.
+Models without a key/value cache, or whose forward does not take ``logits_to_keep``, still work: the first
+fall back to one sequence per request, the second to slicing the full logits.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+#: lm-eval's fallback when neither the config nor the tokenizer states a maximum length.
+DEFAULT_MAX_LENGTH = 2048
+_TOKENIZER_INFINITY = 1000000000000000019884624838656
+#: Cap on positions whose full-vocabulary logits exist at once in a continuation pass (memory bound).
+_MAX_LOGIT_POSITIONS = 2048
+
+Progress = Callable[[int], None]
+
+
+class LoglikelihoodResult(NamedTuple):
+    """One request's score: summed continuation log-probability, greedy match, continuation token count."""
+
+    logprob: float
+    is_greedy: bool
+    n_tokens: int
+
+
+# --------------------------------------------------------------------------------------------- tokenization
+
+
+class PairEncoder:
+    """lm-eval's ``tok_encode`` / ``_encode_pair`` for a causal LM, memoising each distinct string's encoding.
+
+    ``add_bos_token`` mirrors HFLM's argument of the same name (None: the tokenizer's default special
+    tokens). A string that already starts with the prefix (BOS) token's text is encoded without special
+    tokens, as HFLM does.
+    """
+
+    def __init__(self, tokenizer: Any, add_bos_token: bool | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.add_bos_token = add_bos_token
+        self._cache: dict[tuple[str, bool | None], list[int]] = {}
+        prefix = prefix_token_id(tokenizer)
+        self._bos_text = tokenizer.decode(prefix) if prefix is not None else None
+
+    def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+        key = (text, add_special_tokens)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        kwargs: dict[str, bool] = {}
+        if add_special_tokens is not None:
+            kwargs["add_special_tokens"] = add_special_tokens
+        elif self.add_bos_token is not None:
+            kwargs["add_special_tokens"] = self.add_bos_token
+        if add_special_tokens is None and self._bos_text and text.startswith(self._bos_text):
+            kwargs["add_special_tokens"] = False
+        ids = list(self.tokenizer.encode(text, **kwargs))
+        self._cache[key] = ids
+        return ids
+
+    def pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Token ids of (context, continuation) exactly as lm-eval's ``loglikelihood`` builds them."""
+        if context == "":
+            cont = self.encode(continuation, add_special_tokens=False)
+            prefix = prefix_token_id(self.tokenizer)
+            if cont and prefix == cont[0]:
+                return cont[:1], cont[1:]
+            return [prefix], cont
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces > 0:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
+        return ctx, whole[len(ctx):]
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """One (context, continuation) pair's token ids, as lm-eval's ``HFLM`` splits them (see :class:`PairEncoder`)."""
+    return PairEncoder(tokenizer).pair(context, continuation)
+
+
+def prefix_token_id(tokenizer: Any) -> int:
+    """The token that stands in for an empty context: BOS, else EOS (HFLM's ``prefix_token_id``)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos if bos is not None else tokenizer.eos_token_id
+
+
+def max_model_length(model: Any, tokenizer: Any = None) -> int:
+    """The context length lm-eval assumes for a model (config, then tokenizer, then 2048)."""
+    config = getattr(model, "config", None)
+    cfg = getattr(config, "text_config", None) or config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(cfg, attr, None)
+        if value is not None:
+            return int(value)
+    model_max = getattr(tokenizer, "model_max_length", None)
+    if model_max is not None and model_max != _TOKENIZER_INFINITY:
+        return int(model_max)
+    return DEFAULT_MAX_LENGTH
+
+
+# --------------------------------------------------------------------------------------------- public API
+
+
+def loglikelihood(
+    model: Any,
+    tokenizer: Any,
+    requests: Sequence[tuple[str, str]],
+    *,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    strategy: str = "shared-context",
+    progress: Progress | None = None,
+    encoder: PairEncoder | None = None,
+) -> list[LoglikelihoodResult]:
+    """Score ``(context, continuation)`` string pairs; results come back in request order.
+
+    ``batch_size`` is the number of contexts (sequences) per forward pass. ``strategy`` is
+    ``"shared-context"`` (one context pass per distinct context) or ``"full"`` (one sequence per request,
+    like lm-eval). ``progress`` is called with the number of requests finished after each pass.
+    """
+    encoder = encoder or PairEncoder(tokenizer)
+    pairs = [encoder.pair(ctx, cont) for ctx, cont in requests]
+    return loglikelihood_tokens(
+        model, pairs, batch_size=batch_size, max_length=max_length or max_model_length(model, tokenizer),
+        strategy=strategy, progress=progress, pad_token_id=_pad_id(tokenizer),
+    )
+
+
+def loglikelihood_tokens(
+    model: Any,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    batch_size: int = 16,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    strategy: str = "shared-context",
+    progress: Progress | None = None,
+    pad_token_id: int = 0,
+) -> list[LoglikelihoodResult]:
+    """Score already-tokenized ``(context_ids, continuation_ids)`` pairs (see :func:`loglikelihood`)."""
+    if strategy not in ("shared-context", "full"):
+        raise ValueError(f"unknown strategy {strategy!r}: 'shared-context' or 'full'")
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    results: list[LoglikelihoodResult | None] = [None] * len(pairs)
+    items: list[_Item] = []
+    for i, (ctx, cont) in enumerate(pairs):
+        if len(cont) == 0:  # log P(empty string) = 0; lm-eval would assert here
+            results[i] = LoglikelihoodResult(0.0, True, 0)
+            continue
+        if len(cont) > max_length:
+            raise ValueError(f"continuation of {len(cont)} tokens exceeds the model's {max_length}")
+        items.append(_Item(i, *_truncate(list(ctx), list(cont), max_length)))
+
+    caps = _capabilities(model)
+    share = strategy == "shared-context" and caps.cache
+    groups = _group(items, share)
+    was_training = getattr(model, "training", False)
+    if was_training:
+        model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in _batches(groups, batch_size):
+                for item, res in _score_batch(model, batch, caps, pad_token_id):
+                    results[item.index] = res
+                if progress is not None:
+                    progress(sum(len(g.items) for g in batch))
+    finally:
+        if was_training:
+            model.train()
+    return results  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------- internals
+
+
+@dataclass(frozen=True)
+class _Item:
+    index: int
+    context: tuple[int, ...]
+    continuation: tuple[int, ...]
+
+
+@dataclass
+class _Group:
+    """Requests sharing one context. A lone request runs as one sequence (prefix = ctx + cont[:-1])."""
+
+    context: tuple[int, ...]
+    items: list[_Item]
+
+    @property
+    def shared(self) -> bool:
+        return len(self.items) > 1
+
+    @property
+    def prefix(self) -> tuple[int, ...]:
+        if self.shared:
+            return self.context
+        return self.context + self.items[0].continuation[:-1]
+
+    @property
+    def keep(self) -> int:
+        """How many of the prefix's last positions predict continuation tokens."""
+        return 1 if self.shared else len(self.items[0].continuation)
+
+
+@dataclass(frozen=True)
+class _Caps:
+    cache: bool  # forward takes past_key_values/use_cache
+    keep_mask: bool  # forward takes logits_to_keep (a boolean mask is tried, then checked)
+
+
+def _truncate(ctx: list[int], cont: list[int], max_length: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """lm-eval's left truncation: keep the last ``max_length + 1`` tokens of context + continuation."""
+    whole = (ctx + cont)[-(max_length + 1):]
+    return tuple(whole[: len(whole) - len(cont)]), tuple(cont)
+
+
+def _capabilities(model: Any) -> _Caps:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return _Caps(cache=False, keep_mask=False)
+    cache = "past_key_values" in params and "use_cache" in params
+    return _Caps(cache=cache, keep_mask="logits_to_keep" in params)
+
+
+def _group(items: list[_Item], share: bool) -> list[_Group]:
+    if not share:
+        return [_Group(it.context, [it]) for it in items]
+    by_ctx: dict[tuple[int, ...], _Group] = {}
+    for it in items:
+        group = by_ctx.get(it.context)
+        if group is None:
+            by_ctx[it.context] = _Group(it.context, [it])
+        else:
+            group.items.append(it)
+    return list(by_ctx.values())
+
+
+def _batches(groups: list[_Group], batch_size: int) -> list[list[_Group]]:
+    """Longest prefixes first (memory errors and slow batches show at once, as in lm-eval), then chunks."""
+    ordered = sorted(groups, key=lambda g: (-len(g.prefix), g.prefix))
+    return [ordered[i: i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _forward_selected(model: Any, caps: _Caps, keep: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """Run the model and return (logits at the ``keep`` positions as (n, vocab), cache)."""
+    if caps.keep_mask:
+        out = model(logits_to_keep=keep, **kwargs)
+        logits = out.logits
+        if logits.ndim == 2 and logits.shape[0] == int(keep.sum()):
+            return logits, getattr(out, "past_key_values", None)
+        if logits.ndim == 3 and logits.shape[:2] == keep.shape:
+            return logits[keep], getattr(out, "past_key_values", None)
+        raise RuntimeError(f"unexpected logits shape {tuple(logits.shape)} with logits_to_keep mask")
+    out = model(**kwargs)
+    return out.logits[keep], getattr(out, "past_key_values", None)
+
+
+def _score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position (log-prob of the target, target is the argmax), log-softmax in float32."""
+    logprobs = F.log_softmax(logits.float(), dim=-1)
+    picked = logprobs.gather(1, targets[:, None]).squeeze(1)
+    greedy = logprobs.argmax(dim=-1) == targets
+    return picked, greedy
+
+
+def _score_batch(model: Any, batch: list[_Group], caps: _Caps, pad_id: int) -> list[tuple[_Item, LoglikelihoodResult]]:
+    device = _device(model)
+    prefixes = [g.prefix for g in batch]
+    width = max(len(p) for p in prefixes)
+    n = len(batch)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    keep = torch.zeros((n, width), dtype=torch.bool)
+    for r, (g, p) in enumerate(zip(batch, prefixes, strict=True)):
+        ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[r, width - len(p):] = 1
+        keep[r, width - g.keep:] = True
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    need_cache = any(g.shared and any(len(it.continuation) > 1 for it in g.items) for g in batch)
+    kwargs: dict[str, Any] = {"input_ids": ids.to(device), "position_ids": position_ids.to(device)}
+    if bool((mask == 0).any()):
+        kwargs["attention_mask"] = mask.to(device)
+    if caps.cache:
+        kwargs["use_cache"] = need_cache
+    logits, cache = _forward_selected(model, caps, keep.to(device), **kwargs)
+
+    # First-pass targets: for a lone request every continuation token; for a shared group, each choice's
+    # first token is scored against the context's last logits (one row reused per choice).
+    rows: list[int] = []
+    targets: list[int] = []
+    owners: list[_Item] = []
+    offset = 0
+    for g in batch:
+        if g.shared:
+            for it in g.items:
+                rows.append(offset)
+                targets.append(it.continuation[0])
+                owners.append(it)
+        else:
+            it = g.items[0]
+            rows.extend(range(offset, offset + g.keep))
+            targets.extend(it.continuation)
+            owners.extend([it] * g.keep)
+        offset += g.keep
+    picked, greedy = _score(logits[torch.tensor(rows, device=logits.device)],
+                            torch.tensor(targets, dtype=torch.long, device=logits.device))
+    totals: dict[int, list[Any]] = {}
+    for it, lp, gr in zip(owners, picked.tolist(), greedy.tolist(), strict=True):
+        acc = totals.setdefault(it.index, [it, 0.0, True])
+        acc[1] += lp
+        acc[2] = acc[2] and gr
+
+    if need_cache:
+        _score_continuations(model, batch, caps, cache, mask, position_ids, totals, pad_id)
+
+    return [(it, LoglikelihoodResult(float(lp), bool(gr), len(it.continuation))) for it, lp, gr in totals.values()]
+
+
+def _score_continuations(model: Any, batch: list[_Group], caps: _Caps, cache: Any, mask: torch.Tensor,
+                         position_ids: torch.Tensor, totals: dict[int, list[Any]], pad_id: int) -> None:
+    """Second pass: each shared group's choices (tokens 2..n) against a copy of the group's context cache."""
+    device = _device(model)
+    members = [(r, it) for r, g in enumerate(batch) if g.shared for it in g.items if len(it.continuation) > 1]
+    members.sort(key=lambda m: -len(m[1].continuation))
+    start = 0
+    while start < len(members):
+        width = len(members[start][1].continuation) - 1
+        rows_per_chunk = max(1, _MAX_LOGIT_POSITIONS // width)
+        chunk = members[start: start + rows_per_chunk]
+        start += len(chunk)
+        last = start >= len(members)
+        n = len(chunk)
+        group_rows = torch.tensor([r for r, _ in chunk], dtype=torch.long)
+        ids = torch.full((n, width), pad_id, dtype=torch.long)
+        own = torch.zeros((n, width), dtype=torch.long)
+        keep = torch.zeros((n, width), dtype=torch.bool)
+        targets: list[int] = []
+        for j, (_, it) in enumerate(chunk):
+            k = len(it.continuation) - 1
+            ids[j, :k] = torch.tensor(it.continuation[:-1], dtype=torch.long)
+            own[j, :k] = 1
+            keep[j, :k] = True
+            targets.extend(it.continuation[1:])
+        past_mask = mask[group_rows]
+        positions = position_ids[group_rows, -1:] + 1 + torch.arange(width)[None, :]
+        sub_cache = _select_cache(cache, group_rows.to(device), copy=not last)
+        logits, _ = _forward_selected(
+            model, caps, keep.to(device), input_ids=ids.to(device),
+            attention_mask=torch.cat([past_mask, own], dim=1).to(device),
+            position_ids=positions.to(device), past_key_values=sub_cache, use_cache=True,
+        )
+        picked, greedy = _score(logits, torch.tensor(targets, dtype=torch.long, device=logits.device))
+        owners = [it for _, it in chunk for _ in range(len(it.continuation) - 1)]
+        for it, lp, gr in zip(owners, picked.tolist(), greedy.tolist(), strict=True):
+            acc = totals[it.index]
+            acc[1] += lp
+            acc[2] = acc[2] and gr
+
+
+def _select_cache(cache: Any, rows: torch.Tensor, copy: bool) -> Any:
+    """The cache rows ``rows`` (repeats allowed), as a new cache; the original stays usable if ``copy``."""
+    if isinstance(cache, tuple):  # legacy tuple-of-(k, v) caches
+        return tuple(tuple(t.index_select(0, rows) for t in layer) for layer in cache)
+    target = _shallow_cache_copy(cache) if copy else cache
+    target.batch_select_indices(rows)
+    return target
+
+
+def _shallow_cache_copy(cache: Any) -> Any:
+    """A copy whose layers can be re-indexed without touching the original (tensors are shared, not cloned)."""
+    import copy as _copy
+
+    new = _copy.copy(cache)
+    if hasattr(cache, "layers"):
+        new.layers = [_copy.copy(layer) for layer in cache.layers]
+    else:  # pragma: no cover - older cache classes keep tensors in lists
+        for attr in ("key_cache", "value_cache"):
+            if hasattr(cache, attr):
+                setattr(new, attr, list(getattr(cache, attr)))
+    return new
+
+
+def _device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")

@@ -1,0 +1,88 @@
+"""The task registry: tasks register themselves by name, the CLI and studies look them up.
+
+A task is a class with ``name``, ``kind`` and ``run(...)``; adding a benchmark is one new module under
+:mod:`rankwise.evaluation.tasks` that decorates its class with :func:`register_task`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from rankwise.errors import DataError, RankwiseError
+from rankwise.evaluation.results import TaskResult
+from rankwise.settings import data_dir as default_data_dir
+
+TaskKind = Literal["loglikelihood", "perplexity", "generation", "embedding"]
+
+
+@dataclass
+class EvalOptions:
+    """Options shared by every task; each task uses what applies to it and records it in its protocol."""
+
+    data_dir: Path | None = None
+    limit: int | None = None  # the first N items, as lm-eval's --limit
+    sample: int | None = None  # a seeded random subset of N items
+    seed: int = 1234
+    shots: int | None = None  # None = the task's default
+    batch_size: int = 16
+    seq_len: int | None = None
+    log_samples: bool = False
+    progress: bool = True
+
+
+class Task:
+    """Base of all tasks. ``requires`` says which model kind the task needs (``causal-lm`` or ``encoder``)."""
+
+    name: ClassVar[str]
+    kind: ClassVar[TaskKind]
+    requires: ClassVar[str] = "causal-lm"
+    description: ClassVar[str] = ""
+
+    def run(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:  # pragma: no cover
+        raise NotImplementedError
+
+    @staticmethod
+    def data_path(options: EvalOptions, relative: str) -> Path:
+        """A file in the data directory, or a one-line error naming the expected path and the README."""
+        root = options.data_dir or default_data_dir()
+        if root is None:
+            raise DataError(
+                f"no data directory: set RANKWISE_DATA or pass --data-dir (expected {relative} inside it; "
+                "see the data README)"
+            )
+        path = Path(root) / relative
+        if not path.exists():
+            raise DataError(f"missing data file {path} (see {Path(root) / 'README.md'} for the expected files)")
+        return path
+
+
+_TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: make a task available by its ``name``."""
+    _TASKS[cls.name] = cls
+    return cls
+
+
+def _ensure_loaded() -> None:
+    import rankwise.evaluation.tasks  # noqa: F401  (imports every task module, which registers them)
+
+
+def get_task(name: str) -> Task:
+    _ensure_loaded()
+    try:
+        return _TASKS[name]()
+    except KeyError:
+        raise RankwiseError(f"unknown task '{name}' (known: {', '.join(sorted(_TASKS))})") from None
+
+
+def task_names() -> list[str]:
+    _ensure_loaded()
+    return sorted(_TASKS)
+
+
+TaskFactory = Callable[[], Task]

@@ -1,0 +1,144 @@
+"""The factorized layer that replaces an ``nn.Linear``.
+
+A decomposition gives W ≈ A · G · Bᵀ with A (out×r1), core G (r1×r2) and B (in×r2) — the paper's Tucker-2
+form. The layer runs it as small matmuls, exactly as the paper's code does (three bias-free Linears,
+d_in → r2 → r1 → d_out), or *folded* into two (d_in → r2 → d_out, with A·G precomputed), which saves
+r1·r2 parameters and one kernel launch and is what makes low ranks pay off in practice. Two-factor
+methods (SVD) are the case r1 == r2 with G diagonal folded away.
+
+The module is made of plain ``nn.Linear`` children (``first``, ``core``, ``last``) so its state dict is
+ordinary tensors with obvious names (``…q_proj.first.weight``) that safetensors stores and any loader can
+re-inject (PEFT-style): see :mod:`rankwise.checkpoint`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+Form = Literal["three_factor", "two_factor"]
+
+
+@dataclass(frozen=True)
+class FactorizedShape:
+    """Everything needed to rebuild an empty :class:`FactorizedLinear` before loading its weights."""
+
+    in_features: int
+    out_features: int
+    rank_out: int  # r1: columns of A
+    rank_in: int  # r2: columns of B
+    form: Form
+    bias: bool
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @property
+    def params(self) -> int:
+        """Parameters of the layer in this form (bias included)."""
+        if self.form == "three_factor":
+            n = self.rank_in * self.in_features + self.rank_out * self.rank_in + self.out_features * self.rank_out
+        else:
+            n = self.rank_in * self.in_features + self.out_features * self.rank_in
+        return n + (self.out_features if self.bias else 0)
+
+
+class FactorizedLinear(nn.Module):
+    """y = x·B·Gᵀ·Aᵀ + b, as two or three chained Linears; a drop-in replacement for ``nn.Linear``."""
+
+    def __init__(self, shape: FactorizedShape, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.shape = shape
+        self.in_features = shape.in_features
+        self.out_features = shape.out_features
+        kw = {"dtype": dtype, "device": device}
+        self.first = nn.Linear(shape.in_features, shape.rank_in, bias=False, **kw)
+        if shape.form == "three_factor":
+            self.core = nn.Linear(shape.rank_in, shape.rank_out, bias=False, **kw)
+            self.last = nn.Linear(shape.rank_out, shape.out_features, bias=shape.bias, **kw)
+        else:
+            self.core = None
+            self.last = nn.Linear(shape.rank_in, shape.out_features, bias=shape.bias, **kw)
+
+    # --- construction ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_factors(cls, A: torch.Tensor, G: torch.Tensor | None, B: torch.Tensor,
+                     bias: torch.Tensor | None = None, fold: bool = False,
+                     dtype: torch.dtype | None = None) -> FactorizedLinear:
+        """Build from W ≈ A·G·Bᵀ (G=None means A·Bᵀ). ``fold=True`` stores A·G as one factor.
+
+        Factors are combined in float32 (or better) and only then cast to ``dtype``, so folding does
+        not add rounding error in half precision.
+        """
+        out_features, r1 = A.shape
+        in_features, r2 = B.shape
+        if G is not None and tuple(G.shape) != (r1, r2):
+            raise ValueError(f"core shape {tuple(G.shape)} does not match A {tuple(A.shape)} and B {tuple(B.shape)}")
+        dtype = dtype or A.dtype
+        two = G is None or fold or r1 == 0
+        form: Form = "two_factor" if two else "three_factor"
+        shape = FactorizedShape(in_features, out_features, rank_out=r2 if two else r1, rank_in=r2, form=form,
+                                bias=bias is not None)
+        layer = cls(shape, dtype=dtype, device=A.device)
+        with torch.no_grad():
+            work = torch.promote_types(A.dtype, torch.float32)
+            layer.first.weight.copy_(B.to(work).T.to(dtype))
+            if form == "three_factor":
+                layer.core.weight.copy_(G.to(dtype))  # type: ignore[union-attr]
+                layer.last.weight.copy_(A.to(dtype))
+            else:
+                last = A.to(work) if G is None else A.to(work) @ G.to(work)
+                layer.last.weight.copy_(last.to(dtype))
+            if bias is not None:
+                layer.last.bias.copy_(bias.to(dtype))
+        return layer
+
+    # --- execution ------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x)
+        if self.core is not None:
+            h = self.core(h)
+        return self.last(h)
+
+    # --- views ----------------------------------------------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense equivalent A·G·Bᵀ (computed on demand; for code that reads ``.weight``)."""
+        return self.dense_weight()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.last.bias
+
+    def dense_weight(self) -> torch.Tensor:
+        with torch.no_grad():
+            work = torch.promote_types(self.first.weight.dtype, torch.float32)
+            left = self.last.weight.to(work)
+            if self.core is not None:
+                left = left @ self.core.weight.to(work)
+            return (left @ self.first.weight.to(work)).to(self.first.weight.dtype)
+
+    def folded(self) -> FactorizedLinear:
+        """The same map in two-factor form (A·G folded): fewer parameters and one matmul less."""
+        if self.core is None:
+            return self
+        A, G, B = self.last.weight, self.core.weight, self.first.weight.T
+        return FactorizedLinear.from_factors(A, G, B, self.last.bias, fold=True, dtype=self.first.weight.dtype)
+
+    def merge(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with the dense equivalent weight (undoes the factorization's structure)."""
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.last.bias is not None,
+                          dtype=self.first.weight.dtype, device=self.first.weight.device)
+        with torch.no_grad():
+            dense.weight.copy_(self.dense_weight())
+            if self.last.bias is not None:
+                dense.bias.copy_(self.last.bias)
+        return dense
+
+    def extra_repr(self) -> str:
+        s = self.shape
+        return f"in={s.in_features}, out={s.out_features}, ranks=[{s.rank_out}, {s.rank_in}], form={s.form}"

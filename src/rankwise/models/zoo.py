@@ -1,0 +1,279 @@
+"""Loading any model rankwise can work on: a bundled alias, a Hugging Face id or folder, or a GGUF file.
+
+One entry point, :func:`load`, returns the model, its tokenizer and a :class:`ModelInfo`. GGUF files are
+dequantized by transformers (slow: about 25 s for SmolLM2-135M), so the converted model is cached once as
+an ordinary safetensors folder keyed by the GGUF file's content hash; later loads take a second or two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rankwise.errors import ModelLoadError, first_line
+from rankwise.models.bundled import BUNDLED
+from rankwise.settings import cache_dir
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+#: Marker in a converted-GGUF cache folder; its presence means the conversion finished.
+_CACHE_DONE = "rankwise-source.json"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a user needs to know about a loaded model, printable and JSON-serialisable."""
+
+    name: str
+    source: str
+    kind: str  # "causal-lm" or "encoder"
+    architecture: str  # the config's model_type, e.g. "llama", "bert"
+    model_class: str
+    dtype: str
+    n_params: int
+    n_layers: int
+    hidden_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer and description; unpacks as ``model, tokenizer, info``."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    info: ModelInfo
+
+    def __iter__(self):
+        return iter((self.model, self.tokenizer, self.info))
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"float32"`` / ``"bfloat16"`` / ``"float16"`` (or a torch dtype) to a torch dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype '{name}': choose one of {', '.join(DTYPES)}") from None
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Parameters counted once each (tied embeddings count once), as ``model.parameters()`` yields them."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """Content hash of a file: the cache key for converted GGUF models."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load(spec: str | os.PathLike[str], dtype: str | torch.dtype = "float32", device: str = "cpu") -> LoadedModel:
+    """Load a model from a bundled alias, a local folder or ``.gguf`` file, or a Hugging Face model id.
+
+    A folder holding a rankwise checkpoint (a decomposed model) loads as that decomposed model.
+    Raises :class:`ModelLoadError` with a one-line message for anything that cannot be loaded.
+    """
+    spec_str = str(spec)
+    torch_dtype = parse_dtype(dtype)
+    bundled = BUNDLED.get(spec_str)
+    if bundled is not None:
+        path = bundled.locate()
+        kind_hint: str | None = bundled.kind
+    else:
+        path = Path(spec_str).expanduser()
+        kind_hint = None
+        if not path.exists():
+            if _looks_like_path(spec_str):
+                raise ModelLoadError(f"no such model file or folder: {spec_str}")
+            return _load_hub(spec_str, torch_dtype, device)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path}: a model file must be .gguf; otherwise give the model's folder")
+        folder = gguf_cache_folder(path)
+    else:
+        folder = path
+    return _load_folder(folder, name=spec_str, source=str(path), dtype=torch_dtype, device=device,
+                        kind_hint=kind_hint)
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A spec that is clearly a filesystem path, not a hub id like ``org/name``."""
+    return (
+        spec.startswith((".", "/", "~"))
+        or spec.endswith((".gguf", ".safetensors", ".json"))
+        or os.sep in spec.strip("/").replace("/", "", 1)  # more than one slash: not a hub id
+        or "\\" in spec
+    )
+
+
+def _model_kind(config: Any, kind_hint: str | None) -> str:
+    """Decoder LM or encoder, from the config's declared architectures (BERT also has an LM-head class)."""
+    if kind_hint:
+        return kind_hint
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "causal-lm"
+    if archs:
+        return "encoder"
+    return "encoder" if getattr(config, "model_type", "") in {"bert", "roberta", "xlm-roberta", "distilbert"} \
+        else "causal-lm"
+
+
+def _auto_classes(kind: str):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+
+
+def _load_folder(folder: Path, name: str, source: str, dtype: torch.dtype, device: str,
+                 kind_hint: str | None) -> LoadedModel:
+    from transformers import AutoConfig, AutoTokenizer
+
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{folder}: not a model folder (no config.json)")
+    try:
+        raw_config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{config_path}: unreadable config.json ({first_line(exc)})") from None
+    if (raw_config.get("quantization_config") or {}).get("quant_method") == "rankwise":
+        # A decomposed checkpoint: importing the checkpoint module registers the format with transformers.
+        import rankwise.checkpoint  # noqa: F401
+    if not any(folder.glob("*.safetensors")):
+        raise ModelLoadError(f"{folder}: no .safetensors weights (rankwise never unpickles .bin files)")
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        kind = _model_kind(config, kind_hint)
+        model = _auto_classes(kind).from_pretrained(folder, dtype=dtype, use_safetensors=True)
+    except Exception as exc:  # transformers raises many types for corrupt or mismatched weights
+        raise ModelLoadError(f"cannot load model from {folder}: {first_line(exc)}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the tokenizer from {folder}: {first_line(exc)}") from None
+    return _finish(model, tokenizer, name=name, source=source, kind=kind, device=device)
+
+
+def _load_hub(model_id: str, dtype: torch.dtype, device: str) -> LoadedModel:
+    """A Hugging Face model id: needs a network (or a filled HF cache); never used in tests."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    known = ", ".join(BUNDLED)
+    offline = not _hub_reachable()
+    try:
+        config = AutoConfig.from_pretrained(model_id, local_files_only=offline)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"unknown model '{model_id}': not a bundled alias ({known}), not a local path, and not loadable "
+            f"from the Hugging Face Hub ({first_line(exc)})"
+        ) from None
+    kind = _model_kind(config, None)
+    try:
+        model = _auto_classes(kind).from_pretrained(model_id, dtype=dtype, use_safetensors=True,
+                                                    local_files_only=offline)
+        tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=offline)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model '{model_id}' from the Hub: {first_line(exc)}") from None
+    return _finish(model, tokenizer, name=model_id, source=f"hf:{model_id}", kind=kind, device=device)
+
+
+def _hub_reachable() -> bool:
+    """False when offline mode is set or the Hub's name does not resolve: then only the local HF cache
+    is tried, instead of minutes of retries with back-off before the same failure."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
+        return False
+    import socket
+
+    try:
+        socket.getaddrinfo("huggingface.co", 443)
+    except OSError:
+        return False
+    return True
+
+
+def _finish(model: torch.nn.Module, tokenizer: Any, name: str, source: str, kind: str, device: str) -> LoadedModel:
+    model.eval()
+    if device != "cpu":
+        model.to(device)
+    cfg = model.config
+    first = next(model.parameters())
+    info = ModelInfo(
+        name=name,
+        source=source,
+        kind=kind,
+        architecture=getattr(cfg, "model_type", type(model).__name__),
+        model_class=type(model).__name__,
+        dtype=str(first.dtype).removeprefix("torch."),
+        n_params=count_params(model),
+        n_layers=int(getattr(cfg, "num_hidden_layers", 0) or 0),
+        hidden_size=int(getattr(cfg, "hidden_size", 0) or 0),
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def gguf_cache_folder(gguf_path: Path) -> Path:
+    """The safetensors copy of a GGUF model, converting it on first use (atomically: temp folder, rename)."""
+    try:
+        digest = file_sha256(gguf_path)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {gguf_path}: {first_line(exc)}") from None
+    target = cache_dir() / "gguf" / digest[:32]
+    if (target / _CACHE_DONE).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        _convert_gguf(gguf_path, tmp)
+        (tmp / _CACHE_DONE).write_text(json.dumps({"gguf": str(gguf_path), "sha256": digest}))
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _convert_gguf(gguf_path: Path, out: Path) -> None:
+    """Dequantize a GGUF file to float32 with transformers and save it as an ordinary safetensors folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors (once; cached by content hash)", gguf_path.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {first_line(exc)}") from None
+    # transformers refuses to save a GGUF-loaded model ("not serializable"); after dequantization it is an
+    # ordinary float model, so drop the quantizer state.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)

@@ -1,0 +1,38 @@
+"""Shared fixtures: the real bundled models (loaded once per session) and the real data directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RANKWISE_DATA", str(REPO.parent / "shared" / "data"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = Path(os.environ["RANKWISE_DATA"])
+    assert path.is_dir(), f"benchmark data not found at {path} (set RANKWISE_DATA)"
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The default model (SmolLM2-135M-Instruct), loaded once. Do not modify it in place: deep-copy it."""
+    from rankwise.models import load
+
+    return load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from rankwise.models import load
+
+    return load("minilm-l6")
