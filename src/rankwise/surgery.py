@@ -107,8 +107,13 @@ def check_weights(adapter: ArchitectureAdapter, chosen: list[tuple[TargetInfo, D
 
 def stats_request(chosen: list[tuple[TargetInfo, DecompSpec]],
                   methods: Mapping[str, DecompositionMethod]) -> dict[str, frozenset[str]]:
-    """Module name -> statistics its method needs (targets needing none are left out)."""
-    return {info.name: frozenset(methods[spec.method].needs) for info, spec in chosen
+    """Module name -> statistics to collect for it (targets whose method needs none are left out).
+
+    Data-aware targets also get the input Gram, whatever their method reads, so the report can give every
+    data-aware method the same yardstick: the whitened error, i.e. the relative error of the layer's
+    outputs on the calibration tokens.
+    """
+    return {info.name: frozenset(methods[spec.method].needs) | {"gram"} for info, spec in chosen
             if methods[spec.method].needs}
 
 
@@ -191,7 +196,9 @@ def _decompose_target(adapter: ArchitectureAdapter, info: TargetInfo, spec: Deco
     """Decompose one target and swap it in (or keep it dense above break-even); returns its record."""
     t0 = time.perf_counter()
     module = adapter.linear(info.layer, info.role)
-    weight = module.weight.detach()
+    # A fresh (64-byte aligned) copy: BLAS sums in an alignment-dependent order, and weights memory-mapped
+    # from safetensors sit at arbitrary offsets; copying makes the factors independent of where W lives.
+    weight = module.weight.detach().clone()
     m, n = info.out_features, info.in_features
     bias_params = m if info.bias else 0
     fold_this = fold_mode is True or (fold_mode == "auto" and method.form != "tucker")

@@ -17,7 +17,9 @@ output) and hold no tensor past the forward that produced it.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -62,8 +64,18 @@ class _InputAccumulator:
         self.n_tokens += int(x2.shape[0])
 
 
+class _StopForward(Exception):
+    """Raised by a hook once every hooked module has seen this forward's input: the rest is not needed."""
+
+
 class _Collector:
-    """Owns the hooks and accumulators for one collection pass."""
+    """Owns the hooks and accumulators for one collection pass.
+
+    Early exit: the first forward runs to the end and records how often each hooked module is called. If
+    each is called exactly once, later forwards stop (by raising :class:`_StopForward` from the last hook)
+    as soon as all of them have fired: calibrating layers 0-5 of a 30-layer model costs 6 layers, not 30.
+    Not with Fisher information, which needs the loss at the end of the model.
+    """
 
     def __init__(self, model: nn.Module, request: StatsRequest) -> None:
         self.model = model
@@ -73,6 +85,9 @@ class _Collector:
         self.fisher: dict[str, torch.Tensor] = {}
         self._recent: tuple[torch.Tensor, _InputAccumulator] | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._calls: dict[str, int] = {}  # hooked module -> calls in the current forward
+        self.can_stop_early = False  # decided after the first forward
+        self.forwards = 0
 
     # --- hooks ------------------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -85,11 +100,15 @@ class _Collector:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.forwards = max(self.forwards, 1)
         self.end_forward()
 
     def _make_hook(self, name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             self._observe(name, args[0])
+            self._calls[name] = self._calls.get(name, 0) + 1
+            if self.can_stop_early and len(self._calls) == len(self._handles):
+                raise _StopForward
             return None
 
         return hook
@@ -113,7 +132,12 @@ class _Collector:
         self._recent = (x, acc)
 
     def end_forward(self) -> None:
-        """Drop the references to this forward's activations."""
+        """Drop the references to this forward's activations; after the first, decide on early exits."""
+        if self.forwards == 0 and not self.fisher_names:
+            self.can_stop_early = len(self._calls) == len(self._handles) and all(
+                n == 1 for n in self._calls.values())
+        self.forwards += 1
+        self._calls.clear()
         for acc in self.accs.values():
             acc.last = None
         self._recent = None
@@ -197,8 +221,8 @@ def collect_stats(model: nn.Module, input_ids: torch.Tensor, request: StatsReque
     was_training = model.training
     model.eval()
     flags = {p: p.requires_grad for p in model.parameters()}
-    step = 1 if need_fisher else batch_size
     total = int(input_ids.shape[0])
+    bounds = batch_bounds(total, 1 if need_fisher else batch_size)
     forward_kw = _forward_kwargs(model, need_fisher)
     try:
         for p in model.parameters():
@@ -206,19 +230,19 @@ def collect_stats(model: nn.Module, input_ids: torch.Tensor, request: StatsReque
         for name in collector.fisher_names:
             model.get_submodule(name).weight.requires_grad_(True)
         collector.attach()
-        for start in range(0, total, step):
-            batch = input_ids[start:start + step]
+        for start, end in itertools.pairwise(bounds):
+            batch = input_ids[start:end]
             if need_fisher:
                 with torch.enable_grad():
                     out = model(input_ids=batch, labels=batch, **forward_kw)
                     out.loss.backward()
                 collector.add_fisher()
             else:
-                with torch.no_grad():
+                with torch.no_grad(), contextlib.suppress(_StopForward):
                     model(input_ids=batch, **forward_kw)
             collector.end_forward()
             if progress is not None:
-                progress(min(start + step, total), total)
+                progress(end, total)
     finally:
         collector.detach()
         for p, flag in flags.items():
@@ -226,6 +250,12 @@ def collect_stats(model: nn.Module, input_ids: torch.Tensor, request: StatsReque
             p.grad = None
         model.train(was_training)
     return collector.results(request)
+
+
+def batch_bounds(total: int, batch_size: int) -> list[int]:
+    """Batch edges: one sequence first (the full forward that decides on early exits is then cheap), then
+    ``batch_size`` at a time. ``batch_bounds(8, 4) == [0, 1, 5, 8]``."""
+    return [0, *range(1, total, batch_size), total] if total > 1 else [0, total]
 
 
 def _forward_kwargs(model: nn.Module, need_loss: bool) -> dict[str, object]:

@@ -115,8 +115,11 @@ def save(model: nn.Module, out: str | os.PathLike[str], tokenizer: Any = None, r
     report = report if report is not None else getattr(model, REPORT_ATTR, None)
     plan = getattr(report, "plan", None) if report is not None else _existing_plan(model)
     arch = base_architecture(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {out}: {first_line(exc)}") from None
     try:
         _save_pretrained_quietly(model, tmp)
         config = read_config(tmp) or {}
@@ -134,7 +137,11 @@ def save(model: nn.Module, out: str | os.PathLike[str], tokenizer: Any = None, r
         if report is not None:
             text = report.to_json() if hasattr(report, "to_json") else json.dumps(report, indent=2)
             (tmp / REPORT_FILE).write_text(text + "\n")
+        _normal_permissions(tmp)
         _replace_folder(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write {out}: {first_line(exc)}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -152,6 +159,16 @@ def _save_pretrained_quietly(model: nn.Module, folder: Path) -> None:
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
+
+
+def _normal_permissions(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder; give the checkpoint the permissions a plain mkdir would."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~mask)
 
 
 def _replace_folder(tmp: Path, out: Path) -> None:

@@ -33,6 +33,8 @@ app = typer.Typer(
 COMMAND_MODULES = (
     "rankwise.cli.inspect_cmd",
     "rankwise.cli.eval_cmd",
+    "rankwise.cli.decompose_cmd",
+    "rankwise.cli.bench_cmd",
 )
 
 

@@ -70,7 +70,7 @@ def whitening(gram: torch.Tensor, n: int, fallbacks: list[str]) -> Whitening:
     G = 0.5 * (G + G.T)
     scale = float(torch.diagonal(G).mean())
     if scale <= 0.0:
-        raise DecompositionError("svd-llm: calibration gram is zero (no activations reached this layer)")
+        raise DecompositionError("svd-llm: calibration gram has no positive diagonal (zero activations or a corrupt gram)")
     L, info = torch.linalg.cholesky_ex(G)
     if int(info) == 0:
         return Whitening(L, "cholesky")

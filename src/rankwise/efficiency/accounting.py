@@ -206,8 +206,9 @@ def target_sizes(model: nn.Module, adapter: ArchitectureAdapter | None = None) -
         n = sum(p.numel() for p in params)
         nbytes = sum(p.numel() * p.element_size() for p in params)
         shape = getattr(module, "shape", None)
-        if shape is not None and hasattr(shape, "form"):
-            form, ranks = shape.form, (int(shape.rank_out), int(shape.rank_in))
+        shape = shape.to_dict() if hasattr(shape, "to_dict") else shape
+        if isinstance(shape, dict) and "form" in shape:
+            form, ranks = str(shape["form"]), (int(shape["rank_out"]), int(shape["rank_in"]))
         else:
             form, ranks = "dense", None
         dense = t.out_features * t.in_features + (t.out_features if t.bias else 0)

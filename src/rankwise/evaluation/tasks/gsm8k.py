@@ -103,6 +103,7 @@ class GSM8K(Task):
     kind = "generation"
     requires = "causal-lm"
     description = "GSM8K test, k-shot (default 8) greedy generation, exact match (strict / flexible), lm-eval 0.4.13"
+    max_gen_toks: int = MAX_GEN_TOKS  # lm-eval's default; an instance may lower it (the protocol records it)
 
     def run(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
         shots = DEFAULT_SHOTS if options.shots is None else options.shots
@@ -117,7 +118,7 @@ class GSM8K(Task):
 
         start = time.perf_counter()
         with task_progress(self.name, len(prompts), options.progress) as advance:
-            generations = greedy_generate(model, tokenizer, prompts, until=UNTIL, max_new_tokens=MAX_GEN_TOKS,
+            generations = greedy_generate(model, tokenizer, prompts, until=UNTIL, max_new_tokens=self.max_gen_toks,
                                           batch_size=options.batch_size, max_length=options.seq_len,
                                           progress=advance)
         seconds = time.perf_counter() - start
@@ -148,7 +149,7 @@ class GSM8K(Task):
                 "shots": shots,
                 "fewshot": f"lm-eval default sampler: random.Random({options.seed}).sample(train, {shots}), "
                            "one draw per evaluated item in order",
-                "decoding": f"greedy, max {MAX_GEN_TOKS} new tokens, stop at {list(UNTIL)} or EOS",
+                "decoding": f"greedy, max {self.max_gen_toks} new tokens, stop at {list(UNTIL)} or EOS",
                 "metrics": {
                     "exact_match,strict-match": "fraction whose first '#### <number>' equals the answer "
                                                 "(lm-eval normalisation: case, ',', '$', trailing '.')",

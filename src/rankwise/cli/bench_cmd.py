@@ -1,0 +1,203 @@
+"""``rankwise bench``: size, FLOPs, latency, memory and energy of a decomposed model next to its dense baseline.
+
+Defaults are sized for a small CPU: prefill at 128 and 512 tokens (2048 takes about 8 s per run for
+SmolLM2-135M on 2 cores: add it with ``--seq-lens 128,512,2048``), 16 decode steps after a 128-token
+context at batch 1 and 8, one scoring batch of 8 x 256 tokens, 5 repeats after 1 warm-up.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from rankwise.cli.main import app
+from rankwise.errors import RankwiseError
+
+
+def parse_ints(text: str, option: str) -> tuple[int, ...]:
+    """``"128,512"`` -> (128, 512); anything else is a one-line error naming the option."""
+    try:
+        values = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise RankwiseError(f"{option}: '{text}' is not a comma-separated list of integers") from None
+    if not values or any(v < 1 for v in values):
+        raise RankwiseError(f"{option}: '{text}' must list positive integers")
+    return values
+
+
+def parse_scoring(text: str) -> tuple[int, int] | None:
+    """``"8x256"`` -> (8, 256); ``"none"`` -> None."""
+    if text.strip().lower() == "none":
+        return None
+    parts = text.lower().split("x")
+    if len(parts) != 2:
+        raise RankwiseError(f"--scoring: '{text}' is not BATCHxTOKENS (e.g. 8x256) or none")
+    batch, seq = parse_ints(parts[0], "--scoring"), parse_ints(parts[1], "--scoring")
+    return batch[0], seq[0]
+
+
+def recorded_source(folder: Path) -> str | None:
+    """The model a rankwise checkpoint was decomposed from, as its decomposition report names it."""
+    from rankwise.checkpoint.format import REPORT_FILE
+
+    try:
+        data = json.loads((folder / REPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    source = data.get("model") if isinstance(data, dict) else None
+    return source if isinstance(source, str) and source else None
+
+
+def _loadable(spec: str) -> bool:
+    from rankwise.models import BUNDLED
+
+    return spec in BUNDLED or Path(spec).expanduser().exists()
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Argument(help="A rankwise checkpoint folder, or any model spec (with --plan or "
+                                               "--baseline).")],
+    baseline: Annotated[str | None, typer.Option(help="Dense baseline model spec; 'merged' = the checkpoint with "
+                                                      "its factors multiplied out (same shapes as dense). Default: "
+                                                      "the source model recorded in the checkpoint.")] = None,
+    plan: Annotated[Path | None, typer.Option(help="Decompose MODEL with this plan in memory and bench it against "
+                                                   "MODEL itself.")] = None,
+    seq_lens: Annotated[str, typer.Option(help="Prefill lengths (tokens, batch 1).")] = "128,512",
+    batch_sizes: Annotated[str, typer.Option(help="Decode batch sizes.")] = "1,8",
+    decode_tokens: Annotated[int, typer.Option(help="Timed decode steps per run.")] = 16,
+    context: Annotated[int, typer.Option(help="Tokens in the KV cache before the timed decode steps.")] = 128,
+    scoring: Annotated[str, typer.Option(help="Scoring-mode batch BATCHxTOKENS (log-likelihood forward), or "
+                                              "none.")] = "8x256",
+    repeats: Annotated[int, typer.Option(help="Timed repeats per workload (median reported).")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per workload.")] = 1,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="torch.set_num_threads (default: torch's).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoint's "
+                                                   "own, float32 otherwise).")] = None,
+    execution: Annotated[str, typer.Option(help="auto: choose fold/merge per layer by measurement (cached); "
+                                                "as-is: run the factors as stored.")] = "auto",
+    guard: Annotated[bool, typer.Option("--guard/--no-guard", help="With --execution auto: merge more layers "
+                                                                   "until decode is not slower than dense.")] = True,
+    control: Annotated[bool, typer.Option("--control", help="Also time the baseline a second time (A/A) to show "
+                                                            "the noise.")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write all results to this JSON file.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Dense vs decomposed: parameters, bytes, FLOPs, prefill/decode/scoring speed, memory, energy, ideal vs measured."""
+    import torch
+
+    from rankwise.checkpoint import load
+    from rankwise.checkpoint.format import is_checkpoint
+    from rankwise.efficiency.accounting import disk_bytes
+    from rankwise.efficiency.compare import BenchConfig, compare
+    from rankwise.efficiency.execution import choose_execution, merged_copy
+
+    # --- check the options before anything slow ------------------------------------------------------------
+    config = BenchConfig(seq_lens=parse_ints(seq_lens, "--seq-lens"),
+                         batch_sizes=parse_ints(batch_sizes, "--batch-sizes"),
+                         decode_tokens=parse_ints(str(decode_tokens), "--decode-tokens")[0],
+                         context=parse_ints(str(context), "--context")[0], scoring=parse_scoring(scoring),
+                         repeats=parse_ints(str(repeats), "--repeats")[0], warmup=max(0, warmup), device=device,
+                         control=control)
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise RankwiseError(f"--device: '{device}' is not cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RankwiseError("--device cuda: no CUDA device is available on this machine")
+    if execution not in ("auto", "as-is"):
+        raise RankwiseError(f"--execution: '{execution}' is not auto or as-is")
+    if threads is not None:
+        if threads < 1:
+            raise RankwiseError(f"--threads: {threads} is not a positive number of threads")
+        torch.set_num_threads(threads)
+    path = Path(model).expanduser()
+    checkpoint = path.is_dir() and is_checkpoint(path)
+    if plan is None and not checkpoint and baseline is None:
+        raise RankwiseError(f"{model} is not a rankwise checkpoint: give --plan FILE to decompose it, or "
+                            "--baseline MODEL to compare it with")
+    if plan is not None and checkpoint:
+        raise RankwiseError(f"{model} is already decomposed: --plan applies to a dense model")
+    the_plan = None
+    if plan is not None:
+        from rankwise.surgery import as_plan
+
+        the_plan = as_plan(plan)
+
+    # --- models ----------------------------------------------------------------------------------------------
+    console = Console(stderr=True)
+    loaded = load(model, dtype=dtype, device=device)
+    the_dtype = dtype or str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    extra: dict[str, Any] = {}
+    if the_plan is not None:
+        from rankwise.surgery import decompose
+
+        dense = loaded.model
+        decomposed = copy.deepcopy(dense)
+        report = decompose(decomposed, the_plan, tokenizer=loaded.tokenizer, progress=not quiet, name=model)
+        extra["decomposition"] = report.summary()
+        base_name, dec_name = model, f"{model} + {plan.stem}"
+    else:
+        decomposed = loaded.model
+        dec_name = path.name if checkpoint else model
+        source = baseline or (recorded_source(path) if checkpoint else None)
+        if source is None or (baseline is None and not _loadable(source)):
+            raise RankwiseError(f"{model}: the checkpoint does not name a loadable source model "
+                                f"({source or 'none recorded'}); give --baseline MODEL (or --baseline merged)")
+        if source == "merged":
+            dense, base_name = merged_copy(decomposed), "merged (dense-equivalent)"
+        else:
+            dense, base_name = load(source, dtype=the_dtype, device=device).model, source
+        if checkpoint:
+            extra["disk_bytes"] = disk_bytes(path)
+    if str(next(dense.parameters()).dtype) != str(next(decomposed.parameters()).dtype):
+        raise RankwiseError(f"baseline and model dtypes differ ({next(dense.parameters()).dtype} vs "
+                            f"{next(decomposed.parameters()).dtype}): compare at the same --dtype")
+    if execution == "auto":
+        from rankwise.efficiency.timing import is_causal_lm
+
+        er = choose_execution(decomposed, device=device, guard=guard and is_causal_lm(decomposed), reference=dense)
+        extra["execution"] = er.to_dict()
+        if not quiet:
+            Console().print(f"execution forms: {er.counts()} (micro-benchmarks cached in {er.cache_file})")
+
+    # --- measure ---------------------------------------------------------------------------------------------
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True, disable=quiet) as bar:
+        task = bar.add_task("bench", total=None)
+        result = compare({base_name: dense, dec_name: decomposed}, base_name, config,
+                         progress=lambda done, total, label: bar.update(task, completed=done, total=total,
+                                                                         description=label))
+    result.extra.update(extra)
+    out = Console()
+    out.print(result.size_table())
+    out.print(result.speed_table())
+    if "disk_bytes" in extra:
+        out.print(f"checkpoint on disk: {extra['disk_bytes']['total'] / 2**20:,.1f} MiB "
+                  f"({extra['disk_bytes']['weights'] / 2**20:,.1f} MiB safetensors)")
+    if result.energy_reason:
+        out.print(f"energy: not measurable on this machine ({result.energy_reason})")
+    if json_out is not None:
+        write_json_atomic(json_out, result.to_dict())
+        out.print(f"results: {json_out}")

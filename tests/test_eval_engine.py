@@ -1,0 +1,304 @@
+"""The log-likelihood engine, subset selection, multiple-choice metrics, task parsing and ``rankwise eval``."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from rankwise.evaluation import engine
+from rankwise.evaluation.multiple_choice import MCDoc, ScoredDoc, acc_metrics, argmax, mc2_metric
+from rankwise.evaluation.sampling import select
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(smollm):
+    """A 2-layer random Llama with the real tokenizer's vocabulary: fast, and a short max length."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=smollm.model.config.vocab_size, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=24, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def _hflm(model, tokenizer, **kwargs):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, **kwargs)
+
+
+def _lm_eval_loglikelihood(lm, requests):
+    from lm_eval.api.instance import Instance
+
+    return lm.loglikelihood([Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)],
+                            disable_tqdm=True)
+
+
+Q = "Question: Which gas do plants take in from the air?\nAnswer:"
+REQUESTS = [
+    (Q, " Carbon dioxide"), (Q, " Oxygen"), (Q, " Nitrogen gas, mostly from the soil"), (Q, " Helium"),
+    ("The capital of France is", " Paris."),  # a context nobody shares
+    ("Pick a letter.\nAnswer:", " A"), ("Pick a letter.\nAnswer:", " B"),  # one-token continuations
+    ("Trailing space here ", "moves"),  # the context's trailing space joins the continuation
+    ("", "An empty context scores against the prefix token"),
+    ("A long passage that goes on for a while before the word we want to predict, which is", " elephant"),
+]
+
+# ----------------------------------------------------------------------------------------------- encoding
+
+
+@pytest.mark.parametrize("context,continuation", [
+    ("Answer: ", "Paris"), ("Answer:", " Paris"), ("hel", "lo"), ("x = 1 +", " 2"), ("Q\n\n", "A"),
+    ("naïve café", " déjà vu"), ("", "Once upon a time"), ("  ", "x"), ("end.", ""),
+])
+def test_encode_pair_matches_lm_eval(smollm, context, continuation):
+    model, tokenizer, _ = smollm
+    lm = _hflm(model, tokenizer)
+    ours = engine.encode_pair(tokenizer, context, continuation)
+    if context == "":
+        cont = lm.tok_encode(continuation, add_special_tokens=False)
+        theirs = ([lm.prefix_token_id], cont) if lm.prefix_token_id != cont[0] else (cont[:1], cont[1:])
+    elif context.strip() == "":
+        pytest.skip("lm-eval asserts on an all-whitespace context")
+    else:
+        theirs = lm._encode_pair(context, continuation)
+    assert ours == (list(theirs[0]), list(theirs[1]))
+
+
+def test_trailing_space_moves_to_continuation(smollm):
+    tokenizer = smollm.tokenizer
+    ctx, cont = engine.encode_pair(tokenizer, "Answer: ", "Paris")
+    assert (ctx, cont) == engine.encode_pair(tokenizer, "Answer:", " Paris")
+    assert ctx == tokenizer.encode("Answer:")
+    assert ctx + cont == tokenizer.encode("Answer: Paris")
+
+
+def test_continuation_is_what_follows_the_context_tokens(smollm):
+    """When a token spans the boundary, the continuation is the whole encoding minus the context's length."""
+    tokenizer = smollm.tokenizer
+    ctx, cont = engine.encode_pair(tokenizer, "hel", "lo world")
+    whole = tokenizer.encode("hello world")
+    assert ctx == tokenizer.encode("hel")
+    assert cont == whole[len(ctx):]
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+
+
+def test_loglikelihoods_match_lm_eval(smollm):
+    model, tokenizer, _ = smollm
+    ours = engine.loglikelihood(model, tokenizer, REQUESTS, batch_size=4)
+    theirs = _lm_eval_loglikelihood(_hflm(model, tokenizer), REQUESTS)
+    for (ll, greedy), r in zip(theirs, ours, strict=True):
+        assert r.logprob == pytest.approx(ll, abs=1e-3)
+        assert r.is_greedy == greedy
+
+
+def test_batch_size_and_strategy_do_not_change_results(smollm):
+    model, tokenizer, _ = smollm
+    reference = engine.loglikelihood(model, tokenizer, REQUESTS, batch_size=1, strategy="full")
+    for batch_size in (1, 3, 8):
+        for strategy in ("shared-context", "full"):
+            got = engine.loglikelihood(model, tokenizer, REQUESTS, batch_size=batch_size, strategy=strategy)
+            for a, b in zip(reference, got, strict=True):
+                assert b.logprob == pytest.approx(a.logprob, abs=1e-4), (batch_size, strategy)
+                assert (b.is_greedy, b.n_tokens) == (a.is_greedy, a.n_tokens)
+
+
+def test_left_truncation_matches_lm_eval(smollm, tiny_llama):
+    """Sequences longer than the model's maximum length lose tokens on the left, exactly as in HFLM."""
+    tokenizer = smollm.tokenizer
+    long_ctx = " ".join(["word"] * 40) + " and then"
+    requests = [(long_ctx, " one more"), (long_ctx, " two more words"), ("short", " text")]
+    assert engine.max_model_length(tiny_llama, tokenizer) == 24
+    ours = engine.loglikelihood(tiny_llama, tokenizer, requests, batch_size=2)
+    theirs = _lm_eval_loglikelihood(_hflm(tiny_llama, tokenizer), requests)
+    for (ll, greedy), r in zip(theirs, ours, strict=True):
+        assert r.logprob == pytest.approx(ll, abs=1e-4)
+        assert r.is_greedy == greedy
+
+
+class _PlainForward(torch.nn.Module):
+    """A model that takes only input ids (no cache, no logits_to_keep): the engine must still work."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False)
+
+
+def test_models_without_cache_or_logits_to_keep(smollm, tiny_llama):
+    tokenizer = smollm.tokenizer
+    expected = engine.loglikelihood(tiny_llama, tokenizer, REQUESTS, batch_size=4)
+    got = engine.loglikelihood(_PlainForward(tiny_llama), tokenizer, REQUESTS, batch_size=4)
+    for a, b in zip(expected, got, strict=True):
+        assert b.logprob == pytest.approx(a.logprob, abs=1e-5)
+
+
+def test_replaced_linear_layers_are_scored_as_any_module(smollm, tiny_llama):
+    """A decomposed model replaces Linear layers by other modules; here q_proj = (identity, then W) exactly."""
+    import copy
+
+    tokenizer = smollm.tokenizer
+    model = copy.deepcopy(tiny_llama)
+    proj = model.model.layers[0].self_attn.q_proj
+    eye = torch.nn.Linear(proj.in_features, proj.in_features, bias=False)
+    eye.weight.data = torch.eye(proj.in_features)
+    model.model.layers[0].self_attn.q_proj = torch.nn.Sequential(eye, proj)
+    expected = engine.loglikelihood(tiny_llama, tokenizer, REQUESTS[:5])
+    got = engine.loglikelihood(model, tokenizer, REQUESTS[:5])
+    for a, b in zip(expected, got, strict=True):
+        assert b.logprob == pytest.approx(a.logprob, abs=1e-5)
+
+
+def test_empty_continuation_scores_zero(smollm, tiny_llama):
+    (r,) = engine.loglikelihood(tiny_llama, smollm.tokenizer, [("end.", "")])
+    assert (r.logprob, r.is_greedy, r.n_tokens) == (0.0, True, 0)
+
+
+# ----------------------------------------------------------------------------------------------- subsets
+
+
+def test_limit_takes_the_first_items():
+    assert select(10, limit=3).indices == [0, 1, 2]
+    assert select(2, limit=5).indices == [0, 1]
+    assert "first 3 of 10" in select(10, limit=3).description
+    assert select(4).indices == [0, 1, 2, 3]
+
+
+def test_sample_is_seeded_sorted_and_distinct():
+    a = select(1000, sample=50, seed=7)
+    assert a.indices == select(1000, sample=50, seed=7).indices
+    assert a.indices != select(1000, sample=50, seed=8).indices
+    assert a.indices == sorted(set(a.indices)) and len(a.indices) == 50
+    assert "seed 7" in a.description
+    assert select(5, sample=50).indices == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"limit": 2, "sample": 2}, "mutually exclusive"), ({"limit": 0}, "--limit"), ({"sample": -1}, "--sample"),
+])
+def test_bad_subsets_are_one_line_errors(kwargs, message):
+    from rankwise.errors import RankwiseError
+
+    with pytest.raises(RankwiseError, match=message):
+        select(10, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+
+def test_acc_norm_divides_by_characters_and_ties_go_first():
+    doc = MCDoc(0, "ctx", ["a", "bbbbbbbbbb"], gold=1)
+    scored = ScoredDoc(doc, [-2.0, -10.0], [False, False])  # per char: -2.0 vs -1.0
+    assert acc_metrics(scored) == {"acc": 0.0, "acc_norm": 1.0}
+    assert argmax([1.0, 3.0, 3.0]) == 1
+
+
+def test_mc2_is_the_normalized_mass_of_true_answers():
+    doc = MCDoc(0, "ctx", ["t1", "f1", "t2"], gold=0, labels=[1, 0, 1])
+    lls = [math.log(0.2), math.log(0.5), math.log(0.3)]
+    assert mc2_metric(ScoredDoc(doc, lls, [False] * 3))["acc"] == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------------------------- task files
+
+
+def test_hellaswag_recovers_ctx_b_and_capitalizes_it():
+    from rankwise.evaluation.tasks.hellaswag import process_doc, reconstruct
+
+    lines = ["Roof shingle removal: A man is sitting on a roof. he", "3", "is using wrap.", "is ripping tiles.",
+             "is holding a [title] cube.", "starts pulling up roofing."]
+    rec = reconstruct(lines, "test")
+    assert (rec["ctx_a"], rec["ctx_b"]) == ("A man is sitting on a roof.", "he")
+    query, endings, gold = process_doc(rec)
+    assert query == "Roof shingle removal: A man is sitting on a roof. He"
+    assert endings[2] == "is holding a. cube." and gold == 3
+    wikihow = reconstruct(["Home: How to x. Do y.", "0", "a", "b", "c", "d"], "test")
+    assert wikihow["ctx_b"] == ""
+
+
+def test_openbookqa_choices_are_parsed():
+    from rankwise.evaluation.tasks.openbookqa import parse_choices
+
+    labels, texts = parse_choices("(A) a marsh (B) a tundra (C) the plains (D) a desert", "t")
+    assert labels == ["A", "B", "C", "D"] and texts == ["a marsh", "a tundra", "the plains", "a desert"]
+
+
+def test_wsc_span_fix_and_prompt():
+    from rankwise.evaluation.tasks.superglue import fix_wsc_spans, wsc_text
+
+    ex = {"text": "The man lifted the boy . He was strong .", "span1_index": 0, "span1_text": "the man.",
+          "span2_index": 6, "span2_text": "He", "label": 1}
+    fixed = fix_wsc_spans(ex)
+    assert fixed["span1_text"] == "The man"
+    assert wsc_text(fixed).startswith("Passage: The man lifted the boy. *He* was strong.\n")
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def _cli(argv, capsys):
+    from rankwise.cli.main import run
+
+    with pytest.raises(SystemExit) as info:
+        run(argv)
+    out = capsys.readouterr()
+    return info.value.code, out.out, out.err
+
+
+def test_cli_unknown_task(capsys):
+    code, _, err = _cli(["eval", "smollm2-135m", "--tasks", "arc_easy,no_such_task"], capsys)
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "unknown task 'no_such_task'" in err
+
+
+def test_cli_missing_data_dir(capsys, tmp_path):
+    missing = tmp_path / "nowhere"
+    code, _, err = _cli(["eval", "smollm2-135m", "--tasks", "arc_easy", "--data-dir", str(missing)], capsys)
+    assert code == 2 and err.strip().count("\n") == 0
+    assert str(missing) in err and "README" in err
+
+
+def test_cli_missing_data_file(capsys, tmp_path):
+    code, _, err = _cli(["eval", "smollm2-135m", "--tasks", "piqa", "--data-dir", str(tmp_path)], capsys)
+    assert code == 2 and err.strip().count("\n") == 0
+    assert str(tmp_path / "piqa" / "valid.jsonl") in err and "README" in err
+
+
+def test_cli_encoder_model_for_loglikelihood_task(capsys):
+    code, _, err = _cli(["eval", "minilm-l6", "--tasks", "arc_easy", "--limit", "2", "-q"], capsys)
+    assert code == 2 and err.strip().count("\n") == 0
+    assert "arc_easy" in err and "LM head" in err
+
+
+def test_cli_limit_and_sample_are_exclusive(capsys):
+    code, _, err = _cli(["eval", "smollm2-135m", "--tasks", "copa", "--limit", "2", "--sample", "2"], capsys)
+    assert code == 2 and "mutually exclusive" in err
+
+
+def test_cli_writes_results_and_samples(capsys, tmp_path):
+    out_json, out_samples = tmp_path / "r.json", tmp_path / "s.jsonl"
+    code, stdout, _ = _cli(["eval", "smollm2-135m", "--tasks", "copa,rte", "--limit", "3", "-q",
+                            "--json", str(out_json), "--log-samples", str(out_samples)], capsys)
+    assert code in (0, None)
+    assert "copa" in stdout and "acc" in stdout
+    doc = json.loads(out_json.read_text())
+    copa = doc["results"]["copa"]
+    assert copa["n"] == 3 and set(copa["metrics"]) == {"acc"} and "acc" in copa["stderr"]
+    assert copa["protocol"]["shots"] == 0 and "first 3 of 100" in copa["protocol"]["subset"]
+    assert doc["model"]["name"] == "smollm2-135m"
+    lines = [json.loads(x) for x in out_samples.read_text().splitlines()]
+    assert [x["task"] for x in lines] == ["copa"] * 3 + ["rte"] * 3
+    assert all(len(x["loglikelihoods"]) == 2 and "context" in x for x in lines)
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind

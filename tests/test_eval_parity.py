@@ -1,0 +1,104 @@
+"""rankwise's benchmark scores are lm-eval's: same items, same log-likelihoods (1e-3), same predictions.
+
+lm-eval 0.4.13 runs its *own* task configurations (prompts, choices, process_docs, metrics) on the same
+local files: :func:`rankwise.evaluation.harness.write_local_tasks` converts each file to the record layout
+of the Hugging Face dataset the lm-eval task reads and writes a YAML that includes lm-eval's task file with
+only the dataset swapped. Both tools score the default model (float32) on the first items of each task.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+from rankwise.evaluation import harness
+from rankwise.evaluation.registry import EvalOptions
+from rankwise.evaluation.results import TaskResult
+from rankwise.evaluation.runner import evaluate
+
+pytestmark = pytest.mark.slow
+
+N_ITEMS = 20
+ZERO_SHOT = ["arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "openbookqa", "truthfulqa_mc1",
+             "lambada_openai", "copa", "rte", "wsc"]
+MMLU_SUBJECT = "mmlu_high_school_geography"  # short questions: cheap at 5 shots
+MMLU_SHOTS = 5
+TOL = 1e-3
+
+
+def _run_both(model, tokenizer, names, options, folder) -> tuple[dict, list[TaskResult]]:
+    harness.write_local_tasks(names, options, folder)
+    # A few bootstrap draws (only lambada's perplexity uses them), in-process: acc stderrs are closed-form.
+    previous = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        theirs = harness.run_lm_eval(model, tokenizer, names, options, folder, include_defaults=False,
+                                     bootstrap_iters=100)
+    finally:
+        if previous is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = previous
+    ours = evaluate(model, tokenizer, names, options)
+    return theirs, ours
+
+
+@pytest.fixture(scope="module")
+def runs(smollm, tmp_path_factory):
+    model, tokenizer, _ = smollm
+    zero = EvalOptions(limit=N_ITEMS, batch_size=32, progress=False)
+    out0, ours0 = _run_both(model, tokenizer, ZERO_SHOT, zero, tmp_path_factory.mktemp("lm_eval_0shot"))
+    five = EvalOptions(limit=N_ITEMS, batch_size=32, progress=False, shots=MMLU_SHOTS)
+    out5, ours5 = _run_both(model, tokenizer, [MMLU_SUBJECT], five, tmp_path_factory.mktemp("lm_eval_5shot"))
+    results = {}
+    for name, mine in zip(ZERO_SHOT, ours0, strict=True):
+        results[name] = (harness.to_task_result(out0, name, True, zero), mine)
+    results[MMLU_SUBJECT] = (harness.to_task_result(out5, MMLU_SUBJECT, True, five), ours5[0])
+    return results
+
+
+def _loglikelihoods(rec: dict) -> list[float]:
+    return rec["loglikelihoods"] if "loglikelihoods" in rec else [rec["loglikelihood"]]
+
+
+def _greedy(rec: dict) -> list[bool]:
+    g = rec["is_greedy"]
+    return g if isinstance(g, list) else [g]
+
+
+def _argmax(xs: list[float]) -> int:
+    return max(range(len(xs)), key=lambda i: (xs[i], -i))
+
+
+@pytest.mark.parametrize("task", [*ZERO_SHOT, MMLU_SUBJECT])
+def test_items_match_lm_eval(runs, task):
+    theirs, ours = runs[task]
+    assert ours.n == theirs.n == N_ITEMS
+    mine = {s["doc_id"]: s for s in ours.samples}
+    ref = {s["doc_id"]: s for s in theirs.samples}
+    assert sorted(mine) == sorted(ref) == list(range(N_ITEMS))
+    for doc_id, r in ref.items():
+        a, b = _loglikelihoods(mine[doc_id]), r["loglikelihoods"]
+        assert len(a) == len(b), f"{task} item {doc_id}: {len(a)} vs {len(b)} choices"
+        worst = max(abs(x - y) for x, y in zip(a, b, strict=True))
+        assert worst < TOL, f"{task} item {doc_id}: log-likelihoods differ by {worst:.2e}"
+        assert _greedy(mine[doc_id]) == _greedy(r), f"{task} item {doc_id}: is_greedy differs"
+        if len(b) > 1:
+            assert mine[doc_id]["pred"] == _argmax(b), f"{task} item {doc_id}: prediction differs"
+        for metric in theirs.metrics:
+            if metric in r and metric in mine[doc_id]:
+                assert mine[doc_id][metric] == pytest.approx(r[metric], abs=1e-9), f"{task} {doc_id} {metric}"
+
+
+@pytest.mark.parametrize("task", [*ZERO_SHOT, MMLU_SUBJECT])
+def test_metrics_match_lm_eval(runs, task):
+    theirs, ours = runs[task]
+    assert set(ours.metrics) == set(theirs.metrics), (ours.metrics, theirs.metrics)
+    for metric, value in theirs.metrics.items():
+        if metric == "perplexity":  # aggregated from log-likelihoods that agree to 1e-3 per item
+            assert math.log(ours.metrics[metric]) == pytest.approx(math.log(value), abs=TOL)
+        else:
+            assert ours.metrics[metric] == pytest.approx(value, abs=1e-9), (task, metric)
+            assert ours.stderr[metric] == pytest.approx(theirs.stderr[metric], abs=1e-9), (task, metric)
