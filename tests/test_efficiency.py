@@ -387,21 +387,46 @@ def test_choose_form_rule():
     assert execution.choose_form(tie, params=params)[0] == "two_factor"  # as fast, fewer bytes
 
 
-def test_guard_merges_until_not_slower(cache_tmp, one_thread):
-    """An unreachable tolerance forces the guard through every round: mechanics, not timing, are tested."""
+def test_guard_merges_until_not_slower(cache_tmp, monkeypatch):
+    """The guard's logic with both timers replaced at their boundary: micro-benchmarks say two-factor is
+    (out_features / 10)x faster than dense, and the decomposed model "runs" at 1.5x dense time while more
+    than 4 targets are factorized. The guard must merge least useful first, half per round, and stop."""
     model = tiny_llama()
     rankwise.decompose(model, Plan.simple(layers="all", tensors="all", rank=2, method="svd"), progress=False)
-    report = execution.choose_execution(model, token_counts=(1,), blocks=2, guard=True, guard_context=4,
-                                        guard_tokens=2, guard_repeats=2, guard_tolerance=-1.0)
-    assert report.guard and report.counts()["merged"] == 14
-    merged = [name for g in report.guard for name in g.merged_after]
-    factorized_after_micro = report.guard[0].factorized_targets
-    assert len(merged) == factorized_after_micro
-    assert report.guard[-1].factorized_targets == 0 and report.not_slower is False
-    for t in report.targets:
-        if t.name in merged:
-            assert t.reason.startswith("merged by the end-to-end guard")
-    assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith("_proj"))
+    T = execution.FormTiming
+
+    def fake_bench(shape, token_counts, *a, **k):
+        return {t: {"two_factor": T(10.0, 10.0, 3), "dense": T(float(shape.out_features), shape.out_features, 3)}
+                for t in token_counts}
+
+    monkeypatch.setattr(execution, "benchmark_shape", fake_bench)
+    from rankwise.models import adapter_for
+
+    adapter = adapter_for(model)
+
+    def fake_measure(models, workloads, **kw):
+        factorized = sum(isinstance(adapter.linear(t.layer, t.role), FactorizedLinear) for t in adapter.targets())
+        slow = 1.5 if factorized > 4 else 1.0
+        one = timing.Stats(median=1.0, q1=1.0, q3=1.0, min=1.0, max=1.0, n=3)
+        dec = timing.Stats(median=slow, q1=slow, q3=slow, min=slow, max=slow, n=3)
+        return [timing.WorkloadResult(model=name, workload=w, seconds=one, metric=dec if name == "decomposed" else one)
+                for w in workloads for name in models]
+
+    monkeypatch.setattr(timing, "measure", fake_measure)
+    report = execution.choose_execution(model, token_counts=(1,), guard=True, guard_repeats=3)
+    assert [g.factorized_targets for g in report.guard] == [14, 7, 3]
+    assert [len(g.merged_after) for g in report.guard] == [7, 4, 0]
+    assert [g.ratio for g in report.guard] == [1.5, 1.5, 1.0] and report.not_slower is True
+    by_name = {c.name: c for c in report.targets}
+    first = [by_name[n].role for n in report.guard[0].merged_after]
+    assert sorted(first[:4]) == ["k", "k", "v", "v"]  # 3.2x: the least useful went first
+    assert sorted(c.role for c in report.targets if c.form == "two_factor") == ["gate", "gate", "up"] or \
+        sorted(c.role for c in report.targets if c.form == "two_factor") == ["gate", "up", "up"]
+    assert report.counts() == {"three_factor": 0, "two_factor": 3, "merged": 11, "not_factorized": 0}
+    for g in report.guard:
+        for name in g.merged_after:
+            assert by_name[name].reason.startswith("merged by the end-to-end guard")
+            assert type(adapter.linear(by_name[name].layer, by_name[name].role)) is nn.Linear
 
 
 def test_rank_above_break_even_stays_dense_and_says_so(smollm, cache_tmp, one_thread):
@@ -455,6 +480,28 @@ def test_cli_bench_checkpoint_against_recorded_source(smollm, tmp_path, one_thre
     assert data["disk_bytes"]["weights"] > 0
     if data["energy"] is None:
         assert data["energy_reason"] and "energy: not measurable on this machine" in result.output
+
+
+def test_cli_bench_plan_on_an_encoder(tmp_path, cache_tmp, one_thread):
+    """``--plan`` decomposes in memory; an encoder gets prefill and scoring but no decode workloads."""
+    from typer.testing import CliRunner
+
+    from rankwise.cli.main import app
+
+    plan = tmp_path / "plan.yaml"
+    Plan.simple(layers=[0], tensors=["q"], rank=8, method="svd").save(plan)
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, [
+        "bench", "minilm-l6", "--plan", str(plan), "--seq-lens", "16", "--scoring", "2x16", "--repeats", "2",
+        "--warmup", "0", "--threads", "1", "--json", str(out), "--quiet"], env={"COLUMNS": "220"})
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["baseline"] == "minilm-l6"
+    assert {r["workload"]["kind"] for r in data["rows"]} == {"prefill", "scoring"}
+    q0 = next(t for t in data["execution"]["targets"] if (t["layer"], t["role"]) == (0, "q"))
+    assert q0["original_form"] == "two_factor" and q0["form"] in ("two_factor", "dense")
+    assert data["execution"]["counts"]["not_factorized"] == 35 and data["execution"]["guard"] == []
+    assert data["decomposition"]["targets_decomposed"] == 1
 
 
 @pytest.mark.parametrize("args, message", [

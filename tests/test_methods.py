@@ -211,6 +211,17 @@ def test_every_solver_is_optimal_and_auto_uses_krylov_for_rank_one(weights, solv
     assert solvers.truncated_svd(weights["q"], 100).solver == "gram"
 
 
+def test_krylov_handles_rank_deficient_and_zero_matrices():
+    gen = torch.Generator().manual_seed(3)
+    W = torch.randn(600, 3, generator=gen) @ torch.randn(3, 640, generator=gen)  # rank 3
+    for rank in (1, 2):
+        res = solvers.truncated_svd(W, rank, "krylov")
+        approx = (res.U * res.s) @ res.V.T
+        assert relative_error(W, approx) == pytest.approx(_optimal(_spectrum(W), rank), rel=1e-5)
+    zero = get_method("tucker").decompose(torch.zeros(600, 640), 1).factors
+    assert torch.count_nonzero(zero.reconstruct()) == 0 and torch.isfinite(zero.A).all()
+
+
 def test_float32_gram_falls_back_to_float64_near_full_rank(weights):
     W = weights["k"]  # 192×576: at rank 191 the discarded energy is below float32 resolution of the Gram
     assert solvers.truncated_svd(W, 191, "gram").solver == "gram-f64"
@@ -379,3 +390,12 @@ def test_weighted_error_is_the_output_error(weights, activations):
     direct = float(torch.linalg.norm(X.double() @ (W - approx).double().T) / torch.linalg.norm(X.double() @ W.double().T))
     assert weighted_error(W, approx, _gram(X)) == pytest.approx(direct, rel=1e-6)
     assert math.isclose(weighted_error(W, W, _gram(X)), 0.0, abs_tol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["tucker", "svd"])
+def test_half_precision_weights_give_float32_factors(weights, method):
+    W16 = weights["q"].to(torch.bfloat16)
+    result = get_method(method).decompose(W16, 8)
+    assert result.factors.A.dtype == torch.float32 and result.factors.B.dtype == torch.float32
+    W = W16.float()
+    assert relative_error(W, result.factors.reconstruct()) == pytest.approx(_optimal(_spectrum(W), 8), rel=1e-5)

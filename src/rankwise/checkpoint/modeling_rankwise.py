@@ -46,10 +46,10 @@ class FactorizedLinear(nn.Module):
             self.last = nn.Linear(rank_in, out_features, bias=bias, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.first(x)
+        h = nn.functional.linear(x, self.first.weight)
         if self.core is not None:
-            h = self.core(h)
-        return self.last(h)
+            h = nn.functional.linear(h, self.core.weight)
+        return nn.functional.linear(h, self.last.weight, self.last.bias)
 
     def dense_weight(self) -> torch.Tensor:
         with torch.no_grad():

@@ -20,6 +20,7 @@ from rankwise.decomposition.base import (
     Rank,
     check_weight,
     register_method,
+    stats_field,
 )
 from rankwise.decomposition.solvers import singular_values, truncated_svd
 from rankwise.errors import DecompositionError
@@ -70,7 +71,7 @@ class ASVD(DecompositionMethod):
         stats = self.check_stats(stats)
         r, _ = self.ranks_for(rank, *W.shape)
         fallbacks: list[str] = []
-        s = channel_scales(stats.act_abs_mean, W.shape[1], self.alpha, fallbacks)  # type: ignore[arg-type]
+        s = channel_scales(stats_field(stats, "act_abs_mean", W), W.shape[1], self.alpha, fallbacks)
         M = W * s.to(torch.float32)
         res = truncated_svd(M, r, self.solver)
         root = torch.sqrt(res.s.clamp_min(0))
@@ -84,5 +85,5 @@ class ASVD(DecompositionMethod):
     def singular_values(self, weight: torch.Tensor, stats: CalibrationStats | None = None) -> torch.Tensor:
         W = check_weight(weight, self.name)
         stats = self.check_stats(stats)
-        s = channel_scales(stats.act_abs_mean, W.shape[1], self.alpha)  # type: ignore[arg-type]
+        s = channel_scales(stats_field(stats, "act_abs_mean", W), W.shape[1], self.alpha)
         return singular_values(W * s.to(torch.float32))

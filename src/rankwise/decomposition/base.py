@@ -148,6 +148,14 @@ def check_weight(weight: torch.Tensor, method: str = "") -> torch.Tensor:
     return work
 
 
+def stats_field(stats: CalibrationStats, name: str, weight: torch.Tensor) -> torch.Tensor:
+    """A required statistic, on the weight's device (checked present by ``check_stats`` beforehand)."""
+    value = getattr(stats, name)
+    if value is None:
+        raise DecompositionError(f"calibration statistic '{name}' is missing")
+    return value.to(weight.device)
+
+
 # --- registry ---------------------------------------------------------------------------------------------
 _REGISTRY: dict[str, type[DecompositionMethod]] = {}
 

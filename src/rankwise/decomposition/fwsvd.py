@@ -22,6 +22,7 @@ from rankwise.decomposition.base import (
     Rank,
     check_weight,
     register_method,
+    stats_field,
 )
 from rankwise.decomposition.solvers import singular_values, truncated_svd
 from rankwise.errors import DecompositionError
@@ -74,7 +75,7 @@ class FWSVD(DecompositionMethod):
         stats = self.check_stats(stats)
         r, _ = self.ranks_for(rank, *W.shape)
         fallbacks: list[str] = []
-        w = row_weights(stats.fisher, W.shape[0], fallbacks)  # type: ignore[arg-type]
+        w = row_weights(stats_field(stats, "fisher", W), W.shape[0], fallbacks)
         M = W * w.to(torch.float32)[:, None]
         res = truncated_svd(M, r, self.solver)
         root = torch.sqrt(res.s.clamp_min(0))
@@ -88,5 +89,5 @@ class FWSVD(DecompositionMethod):
     def singular_values(self, weight: torch.Tensor, stats: CalibrationStats | None = None) -> torch.Tensor:
         W = check_weight(weight, self.name)
         stats = self.check_stats(stats)
-        w = row_weights(stats.fisher, W.shape[0])  # type: ignore[arg-type]
+        w = row_weights(stats_field(stats, "fisher", W), W.shape[0])
         return singular_values(W * w.to(torch.float32)[:, None])

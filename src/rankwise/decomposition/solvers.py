@@ -26,7 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from scipy.linalg import blas
 
 SOLVERS: tuple[str, ...] = ("auto", "gram", "krylov", "lapack")
 
@@ -35,6 +34,7 @@ KRYLOV_OVERSAMPLE = 2  # block size r + 2 (smaller blocks, more but cheaper step
 KRYLOV_TOL = 1e-9  # stop when the last block raised Σŝ² by < 1e-9 × remaining tail energy
 KRYLOV_MAX_FRACTION = 0.25  # basis width cap, as a fraction of k = min(m, n)
 KRYLOV_MIN_DIM = 384  # below this the full eigendecomposition is cheaper anyway
+DEFLATION_TOL = 1e-10  # a new Krylov direction shorter than this × s_1² means G is (numerically) rank-deficient
 SEED = 0
 
 
@@ -73,17 +73,11 @@ def lapack_svd(matrix: torch.Tensor, rank: int) -> SVDResult:
 def _gram(M: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """Gram matrix of the smaller side, and whether it is M·Mᵀ (its eigenvectors are then U, not V).
 
-    On CPU it uses BLAS ``syrk`` (only one triangle: half the flops of a matmul; measured 8.5 vs 14.9 ms
-    for a 1536×576 float32 weight), then mirrors the triangle.
+    A plain matmul: BLAS ``syrk`` (scipy) halves the flops, but scipy's OpenBLAS keeps its own thread pool,
+    which torch.set_num_threads does not govern; on shared cores its extra threads made it 3x slower.
     """
     m, n = M.shape
-    left = m <= n
-    if M.device.type != "cpu" or M.dtype not in (torch.float32, torch.float64):
-        return (M @ M.T if left else M.T @ M), left
-    syrk = blas.ssyrk if M.dtype == torch.float32 else blas.dsyrk
-    # M.T as a numpy array is Fortran-ordered (no copy); syrk(a, trans=0) = a·aᵀ, trans=1: aᵀ·a.
-    upper = torch.from_numpy(syrk(1.0, M.detach().contiguous().numpy().T, trans=1 if left else 0))
-    return upper + torch.triu(upper, diagonal=1).T, left
+    return (M @ M.T, True) if m <= n else (M.T @ M, False)
 
 
 def _from_eigvecs(M: torch.Tensor, Q: torch.Tensor, lam: torch.Tensor, left: bool, solver: str) -> SVDResult:
@@ -131,7 +125,8 @@ def _krylov_eig(G: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     max_width = int(KRYLOV_MAX_FRACTION * k)
     trace = float(torch.diagonal(G).sum())
     gen = torch.Generator(device="cpu").manual_seed(SEED)
-    Q = torch.linalg.qr(G @ torch.randn(k, block, generator=gen, dtype=G.dtype)).Q
+    start = torch.randn(k, block, generator=gen, dtype=G.dtype).to(G.device)  # seeded on CPU: same on any device
+    Q = torch.linalg.qr(G @ start).Q
     GQ = G @ Q
     last: float | None = None
     while True:
@@ -146,7 +141,9 @@ def _krylov_eig(G: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
         Y = GQ[:, -block:]
         for _ in range(2):  # block Gram–Schmidt twice: keeps the basis orthonormal to working precision
             Y = Y - Q @ (Q.T @ Y)
-        Qn = torch.linalg.qr(Y).Q
+        Qn, R = torch.linalg.qr(Y)
+        if float(torch.diagonal(R).abs().min()) <= DEFLATION_TOL * float(lam[-1]):
+            return None  # the Krylov space is (nearly) exhausted: a rank-deficient G; use the full eigh
         Q = torch.cat([Q, Qn], dim=1)
         GQ = torch.cat([GQ, G @ Qn], dim=1)
 
@@ -155,12 +152,9 @@ def krylov_svd(matrix: torch.Tensor, rank: int) -> SVDResult:
     """Top-r triplets by randomized block Krylov on the smaller Gram; falls back to :func:`gram_svd`."""
     M = _work(matrix)
     G, left = _gram(M)
-    if M.dtype != torch.float64:
-        # The Krylov iteration runs in float64 (cheap at k ≤ a few thousand) so its stopping rule is not
-        # fooled by float32 noise; the Gram's own rounding is checked by the tail guard as in gram_svd.
-        trace = float(torch.diagonal(G).to(torch.float64).sum())
-    else:
-        trace = float(torch.diagonal(G).sum())
+    trace = float(torch.diagonal(G).to(torch.float64).sum())
+    # The iteration runs in float64 (cheap at k up to a few thousand) so its stopping rule is not fooled by
+    # float32 noise; the Gram's own float32 rounding is checked by the tail guard, as in gram_svd.
     found = _krylov_eig(G.to(torch.float64), rank)
     if found is None:
         return gram_svd(M, rank)

@@ -28,6 +28,7 @@ from rankwise.decomposition.base import (
     Rank,
     check_weight,
     register_method,
+    stats_field,
 )
 from rankwise.decomposition.solvers import singular_values, truncated_svd
 from rankwise.errors import DecompositionError
@@ -74,7 +75,7 @@ def whitening(gram: torch.Tensor, n: int, fallbacks: list[str]) -> Whitening:
     L, info = torch.linalg.cholesky_ex(G)
     if int(info) == 0:
         return Whitening(L, "cholesky")
-    eye = torch.eye(n, dtype=torch.float64)
+    eye = torch.eye(n, dtype=torch.float64, device=G.device)
     for eps in JITTERS:
         L, info = torch.linalg.cholesky_ex(G + (eps * scale) * eye)
         if int(info) == 0:
@@ -106,7 +107,7 @@ class SVDLLM(DecompositionMethod):
         stats = self.check_stats(stats)
         r, _ = self.ranks_for(rank, *W.shape)
         fallbacks: list[str] = []
-        white = whitening(stats.gram, W.shape[1], fallbacks)  # type: ignore[arg-type]
+        white = whitening(stats_field(stats, "gram", W), W.shape[1], fallbacks)
         M = (W.to(torch.float64) @ white.S).to(torch.float32)
         res = truncated_svd(M, r, self.solver)
         root = torch.sqrt(res.s.clamp_min(0)).to(torch.float64)
@@ -124,5 +125,5 @@ class SVDLLM(DecompositionMethod):
     def singular_values(self, weight: torch.Tensor, stats: CalibrationStats | None = None) -> torch.Tensor:
         W = check_weight(weight, self.name)
         stats = self.check_stats(stats)
-        white = whitening(stats.gram, W.shape[1], [])  # type: ignore[arg-type]
+        white = whitening(stats_field(stats, "gram", W), W.shape[1], [])
         return singular_values((W.to(torch.float64) @ white.S).to(torch.float32))

@@ -51,7 +51,7 @@ class Tucker(DecompositionMethod):
         r1, r2 = self.ranks_for(rank, *W.shape)
         res = truncated_svd(W, max(r1, r2), self.solver)
         k = min(r1, r2)
-        G = torch.zeros(r1, r2, dtype=torch.float32)
+        G = torch.zeros(r1, r2, dtype=torch.float32, device=res.s.device)
         G[:k, :k] = torch.diag(res.s[:k].float())
         factors = Factors(A=res.U[:, :r1].float().contiguous(), G=G, B=res.V[:, :r2].float().contiguous())
         return MethodResult(factors, [], res.solver, {})

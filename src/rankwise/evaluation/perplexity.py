@@ -1,7 +1,8 @@
 """Perplexity machinery: token windows, lm-eval's rolling windows, and batched target log-probabilities.
 
 Two protocols measure "perplexity" on WikiText-2 and they give very different numbers (Llama-2-7B: 5.47
-vs 8.79 word perplexity), so both live here, each with its own window builder, and share one scorer:
+token-level vs 8.79 word perplexity, lm-eval issue #2301), so both live here, each with its own window
+builder, and share one scorer:
 
 * **token-level** (GPTQ / SVD-LLM / ASVD): the test rows joined by ``"\\n\\n"`` are tokenized once and cut
   into non-overlapping windows of ``seq_len`` tokens; the last partial window is dropped; each window is
@@ -12,9 +13,9 @@ vs 8.79 word perplexity), so both live here, each with its own window builder, a
   slide so that each predicted chunk sees up to ``max_len`` tokens of the same document as context. The
   window arithmetic mirrors ``lm_eval.utils.get_rolling_token_windows`` + ``make_disjoint_window``.
 
-A window is a model input plus the tokens its last positions must predict; the scorer only gathers those
-targets' log-probabilities, a chunk of positions at a time, so a full-vocabulary ``log_softmax`` is never
-materialised for a whole batch (the model's own logits are the only vocabulary-sized tensor).
+A window is a model input plus the tokens its last positions must predict. The scorer asks the model for
+logits only at those positions (``logits_to_keep`` mask) and turns them into the targets' log-probabilities
+a chunk of positions at a time, so no full-vocabulary ``log_softmax`` is materialised next to the logits.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 Form = Literal["three_factor", "two_factor"]
 
@@ -99,10 +100,12 @@ class FactorizedLinear(nn.Module):
 
     # --- execution ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.first(x)
+        # Direct F.linear calls, not the child modules' __call__: at decode time (one token) these are
+        # tiny GEMVs and module-call overhead is a measurable share of the layer's time (bench/speedup.py).
+        h = F.linear(x, self.first.weight)
         if self.core is not None:
-            h = self.core(h)
-        return self.last(h)
+            h = F.linear(h, self.core.weight)
+        return F.linear(h, self.last.weight, self.last.bias)
 
     # --- views ----------------------------------------------------------------------------------------------
     @property

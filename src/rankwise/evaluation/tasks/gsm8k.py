@@ -105,10 +105,16 @@ class GSM8K(Task):
     description = "GSM8K test, k-shot (default 8) greedy generation, exact match (strict / flexible), lm-eval 0.4.13"
     max_gen_toks: int = MAX_GEN_TOKS  # lm-eval's default; an instance may lower it (the protocol records it)
 
+    def required_files(self) -> tuple[str, ...]:
+        return ("gsm8k/test.jsonl", "gsm8k/train.jsonl")
+
     def run(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
         shots = DEFAULT_SHOTS if options.shots is None else options.shots
         if shots < 0:
             raise RankwiseError(f"task gsm8k needs 0 or more shots, not {shots}")
+        if options.seq_len is not None and options.seq_len <= self.max_gen_toks:
+            raise RankwiseError(f"gsm8k needs --seq-len above {self.max_gen_toks} (room for the prompt and "
+                                f"{self.max_gen_toks} generated tokens), got {options.seq_len}")
         test = read_records(self.data_path(options, "gsm8k/test.jsonl"))
         train = read_records(self.data_path(options, "gsm8k/train.jsonl")) if shots > 0 else []
         subset = select(len(test), options.limit, options.sample, options.seed)

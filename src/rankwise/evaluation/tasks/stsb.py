@@ -73,6 +73,9 @@ class STSB(Task):
     requires = "encoder"
     description = "STS Benchmark test: Spearman/Pearson of mean-pooled cosine similarity vs gold (encoders)"
 
+    def required_files(self) -> tuple[str, ...]:
+        return (DATA_FILE,)
+
     def run(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
         start = time.perf_counter()
         pairs = read_pairs(self.data_path(options, DATA_FILE))

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rankwise.errors import DataError, first_line
+from rankwise.errors import DataError, RankwiseError, first_line
 from rankwise.evaluation.engine import PairEncoder
 from rankwise.evaluation.perplexity import (
     encode,
@@ -128,9 +128,14 @@ class WikitextToken(Task):
     requires = "causal-lm"
     description = "WikiText-2 raw test, token-level perplexity in non-overlapping seq-len windows (GPTQ/SVD-LLM)"
 
+    def required_files(self) -> tuple[str, ...]:
+        return (DATA_FILE,)
+
     def run(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
         start = time.perf_counter()
         seq_len = options.seq_len or DEFAULT_SEQ_LEN
+        if seq_len < 2:
+            raise RankwiseError(f"wikitext_token needs --seq-len of at least 2 tokens, got {seq_len}")
         rows = dataset_rows(read_raw(self.data_path(options, DATA_FILE)))
         ids = encode(tokenizer, "\n\n".join(rows))
         windows = token_windows(ids, seq_len)
@@ -178,9 +183,14 @@ class Wikitext(Task):
     requires = "causal-lm"
     description = "WikiText-2 raw test as lm-eval's wikitext: rolling log-likelihood of 62 documents, word/byte ppl"
 
+    def required_files(self) -> tuple[str, ...]:
+        return (DATA_FILE,)
+
     def run(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
         start = time.perf_counter()
         max_len = options.seq_len or max_model_length(model, tokenizer)
+        if max_len < 1:
+            raise RankwiseError(f"wikitext needs --seq-len of at least 1 token, got {max_len}")
         pages = split_documents(read_raw(self.data_path(options, DATA_FILE)))
         subset = select(len(pages), options.limit, options.sample, options.seed)
         encoder = PairEncoder(tokenizer)

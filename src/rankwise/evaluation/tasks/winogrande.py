@@ -63,6 +63,9 @@ class WinoGrande(Task):
     requires = "causal-lm"
     description = "WinoGrande dev (xl validation), zero-shot acc, partial scoring as lm-eval 0.4.13"
 
+    def required_files(self) -> tuple[str, ...]:
+        return (DATA_FILE,)
+
     def run(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
         start = time.perf_counter()
         if options.shots:
