@@ -55,7 +55,7 @@ REQUESTS = [
 
 @pytest.mark.parametrize("context,continuation", [
     ("Answer: ", "Paris"), ("Answer:", " Paris"), ("hel", "lo"), ("x = 1 +", " 2"), ("Q\n\n", "A"),
-    ("naïve café", " déjà vu"), ("", "Once upon a time"), ("  ", "x"), ("end.", ""),
+    ("naïve café", " déjà vu"), ("", "Once upon a time"), ("Q:  ", "x"), ("end.", ""),
 ])
 def test_encode_pair_matches_lm_eval(smollm, context, continuation):
     model, tokenizer, _ = smollm
@@ -64,8 +64,6 @@ def test_encode_pair_matches_lm_eval(smollm, context, continuation):
     if context == "":
         cont = lm.tok_encode(continuation, add_special_tokens=False)
         theirs = ([lm.prefix_token_id], cont) if lm.prefix_token_id != cont[0] else (cont[:1], cont[1:])
-    elif context.strip() == "":
-        pytest.skip("lm-eval asserts on an all-whitespace context")
     else:
         theirs = lm._encode_pair(context, continuation)
     assert ours == (list(theirs[0]), list(theirs[1]))
@@ -100,12 +98,22 @@ def test_loglikelihoods_match_lm_eval(smollm):
         assert r.is_greedy == greedy
 
 
+PRIMER = ("Q: What is the boiling point of water at sea level?\nA: It is 100 degrees Celsius.\n\n"
+          "Q: Which planet is known as the red planet?\nA: Mars is known as the red planet.\n\nQ: ")
+HEAD_REQUESTS = [  # contexts sharing a long head (a few-shot primer): the head runs once per batch
+    (PRIMER + "What is 2 + 2?\nA:", " 4."), (PRIMER + "What is 2 + 2?\nA:", " Five, probably."),
+    (PRIMER + "Who wrote Hamlet?\nA:", " Shakespeare."), (PRIMER + "Who wrote Hamlet?\nA:", " Dickens."),
+    (PRIMER + "Name a colour.", " Blue"),
+]
+
+
 def test_batch_size_and_strategy_do_not_change_results(smollm):
     model, tokenizer, _ = smollm
-    reference = engine.loglikelihood(model, tokenizer, REQUESTS, batch_size=1, strategy="full")
+    requests = REQUESTS + HEAD_REQUESTS
+    reference = engine.loglikelihood(model, tokenizer, requests, batch_size=1, strategy="full")
     for batch_size in (1, 3, 8):
         for strategy in ("shared-context", "full"):
-            got = engine.loglikelihood(model, tokenizer, REQUESTS, batch_size=batch_size, strategy=strategy)
+            got = engine.loglikelihood(model, tokenizer, requests, batch_size=batch_size, strategy=strategy)
             for a, b in zip(reference, got, strict=True):
                 assert b.logprob == pytest.approx(a.logprob, abs=1e-4), (batch_size, strategy)
                 assert (b.is_greedy, b.n_tokens) == (a.is_greedy, a.n_tokens)
@@ -164,6 +172,23 @@ def test_replaced_linear_layers_are_scored_as_any_module(smollm, tiny_llama):
 def test_empty_continuation_scores_zero(smollm, tiny_llama):
     (r,) = engine.loglikelihood(tiny_llama, smollm.tokenizer, [("end.", "")])
     assert (r.logprob, r.is_greedy, r.n_tokens) == (0.0, True, 0)
+
+
+def test_batches_group_shared_heads_and_bound_padding():
+    from rankwise.evaluation.engine import _MAX_PADDING, _PAD_SLACK, _batches, _Group, _Item, _shared_head
+
+    def group(index, tokens):
+        return _Group(tuple(tokens), [_Item(index, tuple(tokens), (1, 2))])
+
+    head = list(range(100, 140))  # 40 tokens shared by three contexts (a few-shot block)
+    family = [group(i, head + [500 + i] * k) for i, k in enumerate((3, 5, 7))]
+    pool = [group(n, [1000 + n] * n) for n in (50, 48, 12, 11)]  # nothing shared
+    batches = _batches(family + pool, batch_size=8)
+    assert [sorted(g.items[0].index for g in b) for b in batches] == [[0, 1, 2], [48, 50], [11, 12]]
+    assert _shared_head(batches[0]) == 40 and _shared_head(batches[1]) == 0
+    for b in batches[1:]:
+        lengths = [len(g.prefix) for g in b]
+        assert len(b) * max(lengths) - sum(lengths) <= _MAX_PADDING * sum(lengths) + _PAD_SLACK * len(b)
 
 
 # ----------------------------------------------------------------------------------------------- subsets

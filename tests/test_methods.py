@@ -242,10 +242,11 @@ def _tensorly_error(W: torch.Tensor, ranks: tuple[int, int]) -> float:
     import tensorly as tl
     from tensorly.decomposition import tucker
 
-    with tl.backend_context("numpy"):
-        core, (A, B) = tucker(W.to(torch.float64).numpy(), rank=list(ranks), init="svd", n_iter_max=100,
-                              tol=1e-4, random_state=0)
-    approx = torch.from_numpy(A @ core @ B.T)
+    # pytorch backend: its LAPACK calls follow torch's thread setting (numpy's OpenBLAS keeps its own pool)
+    with tl.backend_context("pytorch"):
+        core, (A, B) = tucker(W.to(torch.float64), rank=list(ranks), init="svd", n_iter_max=100, tol=1e-4,
+                              random_state=0)
+    approx = A @ core @ B.T
     return relative_error(W, approx)
 
 

@@ -38,6 +38,12 @@ DEFAULT_MAX_LENGTH = 2048
 _TOKENIZER_INFINITY = 1000000000000000019884624838656
 #: Cap on positions whose full-vocabulary logits exist at once in a continuation pass (memory bound).
 _MAX_LOGIT_POSITIONS = 2048
+#: Largest share of padding tokens (relative to real ones) a batch may carry before it is split.
+_MAX_PADDING = 0.25
+#: ... plus this many padding tokens per row (a few pad tokens cost less than another forward pass).
+_PAD_SLACK = 4
+#: Shortest common head (tokens) of a batch's contexts worth computing once for the whole batch.
+_MIN_SHARED_HEAD = 32
 
 Progress = Callable[[int], None]
 
@@ -266,9 +272,91 @@ def _group(items: list[_Item], share: bool) -> list[_Group]:
 
 
 def _batches(groups: list[_Group], batch_size: int) -> list[list[_Group]]:
-    """Longest prefixes first (memory errors and slow batches show at once, as in lm-eval), then chunks."""
-    ordered = sorted(groups, key=lambda g: (-len(g.prefix), g.prefix))
-    return [ordered[i: i + batch_size] for i in range(0, len(ordered), batch_size)]
+    """Batches of at most ``batch_size`` groups whose padding stays under ``_MAX_PADDING``.
+
+    Groups whose prefixes share a long head (few-shot examples, a fixed primer: at least
+    ``_MIN_SHARED_HEAD`` tokens) are batched together so the head runs once per batch; the others are
+    batched by length. Longest first within each (memory errors and slow batches show at once).
+    """
+    families, pool = _families(groups)
+    batches: list[list[_Group]] = []
+    for family in families:
+        base = _common_length([g.prefix for g in family])
+        family.sort(key=lambda g: (-len(g.prefix), g.prefix))
+        batches += _chunk(family, [len(g.prefix) - base for g in family], batch_size)
+    pool.sort(key=lambda g: (-len(g.prefix), g.prefix))
+    batches += _chunk(pool, [len(g.prefix) for g in pool], batch_size)
+    return batches
+
+
+def _families(groups: list[_Group]) -> tuple[list[list[_Group]], list[_Group]]:
+    """Runs of lexicographically adjacent prefixes sharing >= ``_MIN_SHARED_HEAD`` tokens (the whole run
+    then shares at least that many: for sorted sequences the common prefix of a run is the minimum of
+    the neighbours'), and the groups in no such run."""
+    ordered = sorted(groups, key=lambda g: g.prefix)
+    families: list[list[_Group]] = []
+    pool: list[_Group] = []
+    run: list[_Group] = []
+    for g in [*ordered, None]:
+        if run and (g is None or _common_length([run[-1].prefix, g.prefix]) < _MIN_SHARED_HEAD):
+            if len(run) > 1:
+                families.append(run)
+            else:
+                pool.extend(run)
+            run = []
+        if g is not None:
+            run.append(g)
+    return families, pool
+
+
+def _common_length(seqs: list[tuple[int, ...]]) -> int:
+    """Length of the longest common prefix of token sequences."""
+    first = min(seqs, key=len)
+    for i, tok in enumerate(first):
+        if any(s[i] != tok for s in seqs):
+            return i
+    return len(first)
+
+
+def _shared_head(batch: list[_Group]) -> int:
+    """How many leading tokens the whole batch shares and can run once (0 when too few to be worth it);
+    every row keeps at least the positions it must score."""
+    head = min(_common_length([g.prefix for g in batch]), *(len(g.prefix) - g.keep for g in batch))
+    return head if head >= _MIN_SHARED_HEAD else 0
+
+
+def _prefill(model: Any, caps: _Caps, head: tuple[int, ...], rows: int) -> Any:
+    """The key/value cache of ``head`` (run once, batch 1), repeated for ``rows`` rows."""
+    ids = torch.tensor([head], dtype=torch.long, device=_device(model))
+    kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": True}
+    if caps.keep_mask:
+        kwargs["logits_to_keep"] = 1
+    cache = model(**kwargs).past_key_values
+    if isinstance(cache, tuple):
+        return tuple(tuple(t.expand(rows, *t.shape[1:]).contiguous() for t in layer) for layer in cache)
+    cache.batch_repeat_interleave(rows)
+    return cache
+
+
+def _chunk(items: list[Any], lengths: list[int], max_rows: int) -> list[list[Any]]:
+    """Split items sorted by decreasing length into batches of at most ``max_rows`` rows whose padding is at
+    most ``_MAX_PADDING`` of their real tokens plus ``_PAD_SLACK`` per row (on a CPU, padded tokens cost as
+    much as real ones)."""
+    batches: list[list[Any]] = []
+    current: list[Any] = []
+    real = width = 0
+    for item, n in zip(items, lengths, strict=True):
+        rows = len(current) + 1
+        if current and (rows > max_rows or rows * width - (real + n) > _MAX_PADDING * (real + n) + _PAD_SLACK * rows):
+            batches.append(current)
+            current, real = [], 0
+        if not current:
+            width = n
+        current.append(item)
+        real += n
+    if current:
+        batches.append(current)
+    return batches
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -303,23 +391,31 @@ def _score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, t
 
 def _score_batch(model: Any, batch: list[_Group], caps: _Caps, pad_id: int) -> list[tuple[_Item, LoglikelihoodResult]]:
     device = _device(model)
-    prefixes = [g.prefix for g in batch]
-    width = max(len(p) for p in prefixes)
     n = len(batch)
+    need_cache = any(g.shared and any(len(it.continuation) > 1 for it in g.items) for g in batch)
+    # Tokens every prefix of the batch starts with (a few-shot block, a fixed primer) run once, batch 1.
+    head = _shared_head(batch) if caps.cache and n > 1 else 0
+    cache = _prefill(model, caps, batch[0].prefix[:head], n) if head else None
+    rests = [g.prefix[head:] for g in batch]
+    width = max(len(p) for p in rests)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
     keep = torch.zeros((n, width), dtype=torch.bool)
-    for r, (g, p) in enumerate(zip(batch, prefixes, strict=True)):
+    for r, (g, p) in enumerate(zip(batch, rests, strict=True)):
         ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[r, width - len(p):] = 1
         keep[r, width - g.keep:] = True
-    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-    need_cache = any(g.shared and any(len(it.continuation) > 1 for it in g.items) for g in batch)
-    kwargs: dict[str, Any] = {"input_ids": ids.to(device), "position_ids": position_ids.to(device)}
-    if bool((mask == 0).any()):
+    position_ids = head + (mask.cumsum(1) - 1).clamp(min=0)
+    if head:  # the cached head is part of every row's past: unmasked, positions 0..head-1
+        mask = torch.cat([torch.ones((n, head), dtype=torch.long), mask], dim=1)
+        position_ids = torch.cat([torch.arange(head).expand(n, head), position_ids], dim=1)
+    kwargs: dict[str, Any] = {"input_ids": ids.to(device), "position_ids": position_ids[:, head:].to(device)}
+    if bool((mask == 0).any()) or head:
         kwargs["attention_mask"] = mask.to(device)
     if caps.cache:
-        kwargs["use_cache"] = need_cache
+        kwargs["use_cache"] = need_cache or bool(head)
+    if cache is not None:
+        kwargs["past_key_values"] = cache
     logits, cache = _forward_selected(model, caps, keep.to(device), **kwargs)
 
     # First-pass targets: for a lone request every continuation token; for a shared group, each choice's
@@ -360,13 +456,12 @@ def _score_continuations(model: Any, batch: list[_Group], caps: _Caps, cache: An
     device = _device(model)
     members = [(r, it) for r, g in enumerate(batch) if g.shared for it in g.items if len(it.continuation) > 1]
     members.sort(key=lambda m: -len(m[1].continuation))
-    start = 0
-    while start < len(members):
-        width = len(members[start][1].continuation) - 1
-        rows_per_chunk = max(1, _MAX_LOGIT_POSITIONS // width)
-        chunk = members[start: start + rows_per_chunk]
-        start += len(chunk)
-        last = start >= len(members)
+    widths = [len(it.continuation) - 1 for _, it in members]
+    max_rows = max(1, _MAX_LOGIT_POSITIONS // widths[0]) if members else 1
+    chunks = _chunk(members, widths, max_rows)
+    for c, chunk in enumerate(chunks):
+        last = c == len(chunks) - 1
+        width = len(chunk[0][1].continuation) - 1
         n = len(chunk)
         group_rows = torch.tensor([r for r, _ in chunk], dtype=torch.long)
         ids = torch.full((n, width), pad_id, dtype=torch.long)
