@@ -23,11 +23,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DISABLE_MULTIPROC", "1")
+# On a shared machine, OpenMP threads that spin while waiting slow both tools down several-fold.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from rankwise.errors import RankwiseError
 from rankwise.evaluation import harness
 from rankwise.evaluation.registry import EvalOptions
 from rankwise.evaluation.runner import evaluate, write_atomic
@@ -79,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--json", default="bench/results/eval_speed.json")
     args = parser.parse_args(argv)
+    if args.data_dir is None and not os.environ.get("RANKWISE_DATA"):
+        sibling = Path(__file__).resolve().parents[2] / "shared" / "data"  # the checkout's CI layout
+        args.data_dir = str(sibling) if sibling.is_dir() else None
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console()
@@ -115,4 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except RankwiseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

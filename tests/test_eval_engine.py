@@ -182,9 +182,9 @@ def test_batches_group_shared_heads_and_bound_padding():
 
     head = list(range(100, 140))  # 40 tokens shared by three contexts (a few-shot block)
     family = [group(i, head + [500 + i] * k) for i, k in enumerate((3, 5, 7))]
-    pool = [group(n, [1000 + n] * n) for n in (50, 48, 12, 11)]  # nothing shared
+    pool = [group(n, [1000 + n] * n) for n in (60, 58, 12, 11)]  # nothing shared
     batches = _batches(family + pool, batch_size=8)
-    assert [sorted(g.items[0].index for g in b) for b in batches] == [[0, 1, 2], [48, 50], [11, 12]]
+    assert [sorted(g.items[0].index for g in b) for b in batches] == [[0, 1, 2], [58, 60], [11, 12]]
     assert _shared_head(batches[0]) == 40 and _shared_head(batches[1]) == 0
     for b in batches[1:]:
         lengths = [len(g.prefix) for g in b]
@@ -327,3 +327,44 @@ def test_cli_writes_results_and_samples(capsys, tmp_path):
     assert [x["task"] for x in lines] == ["copa"] * 3 + ["rte"] * 3
     assert all(len(x["loglikelihoods"]) == 2 and "context" in x for x in lines)
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+def test_pooled_stderr_is_lm_evals():
+    from lm_eval.api.metrics import pooled_sample_stderr
+
+    from rankwise.evaluation.results import pooled_stderr
+
+    assert pooled_stderr([0.05, 0.02, 0.1], [30, 200, 12]) == pytest.approx(
+        float(pooled_sample_stderr([0.05, 0.02, 0.1], [30, 200, 12])), rel=1e-12)
+
+
+def test_mmlu_group_aggregates_subjects_by_size(smollm):
+    from rankwise.evaluation.registry import EvalOptions
+    from rankwise.evaluation.results import pooled_stderr
+    from rankwise.evaluation.runner import evaluate
+
+    (group,) = evaluate(smollm.model, smollm.tokenizer, ["mmlu_social_sciences"],
+                        EvalOptions(limit=2, progress=False))
+    assert len(group.subtasks) == 12 and group.n == 24
+    assert all(s.n == 2 and s.task.startswith("mmlu_") for s in group.subtasks)
+    assert group.metrics["acc"] == pytest.approx(sum(s.metrics["acc"] for s in group.subtasks) / 12)
+    assert group.stderr["acc"] == pytest.approx(pooled_stderr([s.stderr["acc"] for s in group.subtasks], [2] * 12))
+    assert group.protocol["shots"] == 0 and "per subject" in group.protocol["subset"]
+
+
+def test_cli_harness_lm_eval_runs_lm_evals_task_on_local_data(capsys, tmp_path):
+    out_json = tmp_path / "r.json"
+    code, stdout, _ = _cli(["eval", "smollm2-135m", "--tasks", "copa", "--limit", "2", "-q",
+                            "--harness", "lm-eval", "--json", str(out_json)], capsys)
+    assert code in (0, None) and "harness lm-eval" in stdout
+    copa = json.loads(out_json.read_text())["results"]["copa"]
+    assert copa["n"] == 2 and "acc" in copa["metrics"] and copa["protocol"]["harness"].startswith("lm-eval")
+    assert copa["protocol"]["source"].startswith("local data")
+
+
+def test_cli_harness_without_lm_eval_is_a_one_line_error(capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` raise ImportError
+    code, _, err = _cli(["eval", "smollm2-135m", "--tasks", "copa", "--harness", "lm-eval"], capsys)
+    assert code == 2 and err.strip().count("\n") == 0 and "pip install" in err

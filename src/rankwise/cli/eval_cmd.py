@@ -65,6 +65,10 @@ def eval_command(
     if harness == "rankwise":
         resolved = runner.resolve_tasks(names)
         runner.check_data(resolved, options)
+    else:
+        from rankwise.evaluation.harness import import_lm_eval
+
+        import_lm_eval()  # a one-line error before the model loads if the extra is missing
     for path in (json_out, log_samples):
         if path is not None and path.exists() and path.is_dir():
             raise RankwiseError(f"{path} is a folder; give a file path")
@@ -82,6 +86,9 @@ def eval_command(
     else:
         from rankwise.evaluation.harness import evaluate_with_lm_eval
 
+        if loaded.info.kind != "causal-lm":
+            raise RankwiseError(f"--harness lm-eval evaluates causal language models; {loaded.info.name} is an "
+                                f"{loaded.info.kind} model without an LM head")
         results = evaluate_with_lm_eval(loaded.model, loaded.tokenizer, names, options)
     elapsed = time.perf_counter() - start
 
