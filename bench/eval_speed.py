@@ -47,14 +47,14 @@ def compare(model, tokenizer, task: str, items: int, batch_size: int, data_dir: 
                           progress=False)
     with tempfile.TemporaryDirectory(prefix="rankwise-bench-") as tmp:
         harness.write_local_tasks([task], options, Path(tmp))
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = harness.run_lm_eval(model, tokenizer, [task], options, Path(tmp), include_defaults=False,
                                   bootstrap_iters=0)
-        lm_eval_s = time.perf_counter() - start
+        lm_eval_s, lm_eval_cpu = time.perf_counter() - start, time.process_time() - cpu
     theirs = harness.to_task_result(out, task, True, options)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     (ours,) = evaluate(model, tokenizer, [task], options)
-    rankwise_s = time.perf_counter() - start
+    rankwise_s, rankwise_cpu = time.perf_counter() - start, time.process_time() - cpu
 
     a, b = _per_item(ours), _per_item(theirs)
     max_diff = max(abs(x - y) for k in b for x, y in zip(a[k]["loglikelihoods"], b[k]["loglikelihoods"], strict=True))
@@ -65,6 +65,8 @@ def compare(model, tokenizer, task: str, items: int, batch_size: int, data_dir: 
     return {
         "task": task, "n": ours.n, "requests": sum(len(s["choices"]) for s in ours.samples),
         "lm_eval_seconds": lm_eval_s, "rankwise_seconds": rankwise_s, "speedup": lm_eval_s / rankwise_s,
+        "lm_eval_cpu_seconds": lm_eval_cpu, "rankwise_cpu_seconds": rankwise_cpu,
+        "cpu_speedup": lm_eval_cpu / rankwise_cpu,
         "lm_eval": {"metrics": theirs.metrics, "stderr": theirs.stderr},
         "rankwise": {"metrics": ours.metrics, "stderr": ours.stderr},
         "max_abs_loglikelihood_diff": max_diff, "prediction_mismatches": pred_mismatch,
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         args.data_dir = str(sibling) if sibling.is_dir() else None
     if args.threads:
         torch.set_num_threads(args.threads)
-    console = Console()
+    console = Console(width=200)
     model, tokenizer, info = load(args.model)
     with torch.inference_mode():  # warm-up, so neither tool pays first-call costs
         model(torch.ones((1, 16), dtype=torch.long))
@@ -100,18 +102,21 @@ def main(argv: list[str] | None = None) -> int:
 
     table = Table(title=f"evaluation wall time, {info.name} float32, batch {args.batch_size}, "
                         f"{torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.1f}")
-    for col in ("task", "n (requests)", "lm-eval s", "rankwise s", "speed-up", "lm-eval acc / acc_norm",
-                "rankwise acc / acc_norm", "max |Δ ll|", "pred. mismatches"):
+    for col in ("task", "n (requests)", "lm-eval s", "rankwise s", "speed-up", "CPU s lm-eval / rankwise",
+                "CPU speed-up", "lm-eval acc / acc_norm", "rankwise acc / acc_norm", "max |Δ ll|",
+                "pred. mismatches"):
         table.add_column(col, justify="left" if col == "task" else "right")
     for r in rows:
         lm, rw = r["lm_eval"]["metrics"], r["rankwise"]["metrics"]
         table.add_row(r["task"], f"{r['n']} ({r['requests']})", f"{r['lm_eval_seconds']:.1f}",
                       f"{r['rankwise_seconds']:.1f}", f"{r['speedup']:.2f}x",
+                      f"{r['lm_eval_cpu_seconds']:.1f} / {r['rankwise_cpu_seconds']:.1f}", f"{r['cpu_speedup']:.2f}x",
                       f"{lm['acc']:.4f} / {lm['acc_norm']:.4f}", f"{rw['acc']:.4f} / {rw['acc_norm']:.4f}",
                       f"{r['max_abs_loglikelihood_diff']:.1e}", str(r["prediction_mismatches"]))
     console.print(table)
     console.print("acc = argmax of summed log-likelihood; acc_norm = per-character normalised (lm-eval); "
-                  "first N items of each local file (lm-eval --limit N); both tools in one process.")
+                  "first N items of each local file (lm-eval --limit N); both tools in one process, same "
+                  "threads. Wall seconds; CPU seconds (process time, all threads) are steadier on a busy host.")
     doc = {"model": info.to_dict(), "batch_size": args.batch_size, "threads": torch.get_num_threads(),
            "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
            "load_average_at_end": os.getloadavg(), "results": rows}

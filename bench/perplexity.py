@@ -63,6 +63,11 @@ def compare(model, ids: list[int], seq_len: int, n_windows: int, batch_size: int
             "speedup": base_s / ours_s}
 
 
+def _save(path: str, doc: dict, complete: bool) -> None:
+    """Write the results so far (a long run that dies keeps its finished stages)."""
+    write_atomic(Path(path), json.dumps({**doc, "complete": complete}, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -92,10 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold]baseline vs rankwise[/bold] on the first {args.baseline_windows} windows ...")
         comparison = compare(model, ids, args.seq_len, args.baseline_windows, args.batch_size)
         doc["comparison"] = comparison
+        _save(args.json, doc, complete=False)
 
     console.print(f"[bold]wikitext_token[/bold]: {len(ids)} tokens, seq-len {args.seq_len} ...")
     token = get_task("wikitext_token").run(model, tokenizer, options)
     doc["wikitext_token"] = token.to_dict()
+    _save(args.json, doc, complete=not args.rolling)
+    console.print(f"wikitext_token: ppl {token.metrics['token_perplexity']:.4f} over {token.n} windows "
+                  f"in {token.seconds:.1f} s")
     tokens_per_s = token.n * args.seq_len / token.seconds
 
     rolling = None
@@ -105,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         rolling = get_task("wikitext").run(model, tokenizer, roll_options)
         doc["wikitext"] = rolling.to_dict()
     doc["load_average_at_end"] = os.getloadavg()
+    _save(args.json, doc, complete=True)
 
     table = Table(title=f"WikiText-2 raw test, {info.name} {info.dtype}, {torch.get_num_threads()} threads, "
                         f"load avg {os.getloadavg()[0]:.1f}")
@@ -130,7 +140,6 @@ def main(argv: list[str] | None = None) -> int:
                   "rows, last partial window dropped (GPTQ/SVD-LLM); wikitext: lm-eval 0.4.13 rolling "
                   "loglikelihood of the 62 documents, per word / byte of the original text. stderr: "
                   "window- / document-level (delta method).")
-    write_atomic(Path(args.json), json.dumps(doc, indent=2) + "\n")
     console.print(f"written to {args.json}")
     return 0
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy 2-core machines: spinning OpenMP threads starve each other
+
 import pytest
 import torch
 

@@ -112,7 +112,8 @@ def test_batch_size_and_strategy_do_not_change_results(smollm):
     requests = REQUESTS + HEAD_REQUESTS
     reference = engine.loglikelihood(model, tokenizer, requests, batch_size=1, strategy="full")
     # (1, "full") is the reference itself; every other combination must reproduce it.
-    for batch_size, strategy in ((1, "shared-context"), (3, "shared-context"), (8, "shared-context"), (8, "full")):
+    for batch_size, strategy in ((1, "packed"), (3, "packed"), (8, "packed"), (3, "shared-context"),
+                                 (8, "shared-context"), (8, "full")):
         got = engine.loglikelihood(model, tokenizer, requests, batch_size=batch_size, strategy=strategy)
         for a, b in zip(reference, got, strict=True):
             assert b.logprob == pytest.approx(a.logprob, abs=1e-4), (batch_size, strategy)

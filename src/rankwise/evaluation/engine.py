@@ -8,24 +8,30 @@ length lose tokens on the left; the score is the sum of the continuation tokens'
 
 How it is computed differs, because a multiple-choice question asks for the same context several times:
 
-* requests are grouped by their (token) context; a group's context runs through the model once, with the
-  key/value cache kept, and every choice's continuation is then scored from a copy of that cache
-  ("shared-context" strategy). A question with 4 choices costs one context pass instead of four.
-* a request whose context nobody shares runs as one sequence (context + continuation), like lm-eval.
-* passes are batched with their sequences sorted by length (little padding), under ``torch.inference_mode``.
+* requests are grouped by their (token) context, and each question becomes one packed sequence,
+  ``[context | choice 1 | choice 2 | ...]`` (each choice without its last token), with position ids that
+  restart after the context for every choice and a 4-D attention mask that lets each choice see only the
+  context and its own earlier tokens ("packed" strategy). One forward pass scores every choice exactly as
+  if it followed the context alone; the context runs once instead of once per choice.
+* contexts that share a long head (MMLU's few-shot block, TruthfulQA's primer) are batched together and
+  the head runs once per batch, its key/value cache reused by every row.
+* batches are sorted by length and split so padding stays small (on a CPU a pad token costs as much as
+  a real one), and everything runs under ``torch.inference_mode``.
 * the LM head and the log-softmax are evaluated only at the positions that predict continuation tokens
   (``logits_to_keep`` with a boolean mask), never over the whole sequence and full vocabulary.
 * every distinct context string is tokenized once.
 
-Contexts are left-padded (with explicit position ids) so that every context ends in the last column and
-the cache rows line up; padding is masked, so the scores equal the unpadded ones up to float rounding.
-Models without a key/value cache, or whose forward does not take ``logits_to_keep``, still work: the first
-fall back to one sequence per request, the second to slicing the full logits.
+Which strategy a model gets is decided by a probe the first time it is scored (:func:`choose_strategy`):
+a model that does not accept custom 4-D masks falls back to "shared-context" (the context's key/value
+cache copied per choice; contexts left-padded with explicit position ids) and a model without a cache to
+"full" (one sequence per request, like lm-eval). A forward without ``logits_to_keep`` is handled by slicing
+the full logits. All strategies agree with lm-eval to float rounding (tests check 1e-4 between them).
 """
 
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -44,6 +50,10 @@ _MAX_PADDING = 0.25
 _PAD_SLACK = 4
 #: Shortest common head (tokens) of a batch's contexts worth computing once for the whole batch.
 _MIN_SHARED_HEAD = 32
+#: Scoring strategies: "packed" (context + all choices in one sequence, a custom attention mask),
+#: "shared-context" (context once, key/value cache copied per choice), "full" (one sequence per request,
+#: like lm-eval); "auto" picks the first the model supports.
+STRATEGIES = ("auto", "packed", "shared-context", "full")
 
 Progress = Callable[[int], None]
 
@@ -142,15 +152,16 @@ def loglikelihood(
     *,
     batch_size: int = 16,
     max_length: int | None = None,
-    strategy: str = "shared-context",
+    strategy: str = "auto",
     progress: Progress | None = None,
     encoder: PairEncoder | None = None,
 ) -> list[LoglikelihoodResult]:
     """Score ``(context, continuation)`` string pairs; results come back in request order.
 
-    ``batch_size`` is the number of contexts (sequences) per forward pass. ``strategy`` is
-    ``"shared-context"`` (one context pass per distinct context) or ``"full"`` (one sequence per request,
-    like lm-eval). ``progress`` is called with the number of requests finished after each pass.
+    ``batch_size`` is the number of distinct contexts (questions) per forward pass. ``strategy`` is one of
+    :data:`STRATEGIES`: ``"auto"`` (default: the fastest the model supports, see :func:`choose_strategy`),
+    ``"packed"``, ``"shared-context"`` or ``"full"`` (one sequence per request, like lm-eval); all give the
+    same numbers. ``progress`` is called with the number of requests finished after each pass.
     """
     encoder = encoder or PairEncoder(tokenizer)
     pairs = [encoder.pair(ctx, cont) for ctx, cont in requests]
@@ -166,13 +177,13 @@ def loglikelihood_tokens(
     *,
     batch_size: int = 16,
     max_length: int = DEFAULT_MAX_LENGTH,
-    strategy: str = "shared-context",
+    strategy: str = "auto",
     progress: Progress | None = None,
     pad_token_id: int = 0,
 ) -> list[LoglikelihoodResult]:
     """Score already-tokenized ``(context_ids, continuation_ids)`` pairs (see :func:`loglikelihood`)."""
-    if strategy not in ("shared-context", "full"):
-        raise ValueError(f"unknown strategy {strategy!r}: 'shared-context' or 'full'")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}: one of {', '.join(STRATEGIES)}")
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     results: list[LoglikelihoodResult | None] = [None] * len(pairs)
@@ -186,15 +197,22 @@ def loglikelihood_tokens(
         items.append(_Item(i, *_truncate(list(ctx), list(cont), max_length)))
 
     caps = _capabilities(model)
-    share = strategy == "shared-context" and caps.cache
-    groups = _group(items, share)
     was_training = getattr(model, "training", False)
     if was_training:
         model.eval()
     try:
         with torch.inference_mode():
-            for batch in _batches(groups, batch_size):
-                for item, res in _score_batch(model, batch, caps, pad_token_id):
+            if strategy == "auto":
+                strategy = choose_strategy(model, pad_token_id)
+            if strategy == "packed":
+                batches = _batches(_group(items, share=True), batch_size, key=lambda g: g.row)
+                score: Callable[..., list[tuple[_Item, LoglikelihoodResult]]] = _score_packed
+            else:
+                share = strategy == "shared-context" and caps.cache
+                batches = _batches(_group(items, share), batch_size)
+                score = _score_batch
+            for batch in batches:
+                for item, res in score(model, batch, caps, pad_token_id):
                     results[item.index] = res
                 if progress is not None:
                     progress(sum(len(g.items) for g in batch))
@@ -236,6 +254,11 @@ class _Group:
         """How many of the prefix's last positions predict continuation tokens."""
         return 1 if self.shared else len(self.items[0].continuation)
 
+    @property
+    def row(self) -> tuple[int, ...]:
+        """The packed sequence: the context, then every continuation but its last token, one after another."""
+        return self.context + tuple(t for it in self.items for t in it.continuation[:-1])
+
 
 @dataclass(frozen=True)
 class _Caps:
@@ -271,34 +294,37 @@ def _group(items: list[_Item], share: bool) -> list[_Group]:
     return list(by_ctx.values())
 
 
-def _batches(groups: list[_Group], batch_size: int) -> list[list[_Group]]:
+def _batches(groups: list[_Group], batch_size: int,
+             key: Callable[[_Group], tuple[int, ...]] = lambda g: g.prefix) -> list[list[_Group]]:
     """Batches of at most ``batch_size`` groups whose padding stays under ``_MAX_PADDING``.
 
-    Groups whose prefixes share a long head (few-shot examples, a fixed primer: at least
-    ``_MIN_SHARED_HEAD`` tokens) are batched together so the head runs once per batch; the others are
-    batched by length. Longest first within each (memory errors and slow batches show at once).
+    ``key`` gives the token sequence a group runs as. Groups whose sequences share a long head (few-shot
+    examples, a fixed primer: at least ``_MIN_SHARED_HEAD`` tokens) are batched together so the head runs
+    once per batch; the others are batched by length. Longest first within each (memory errors and slow
+    batches show at once).
     """
-    families, pool = _families(groups)
+    families, pool = _families(groups, key)
     batches: list[list[_Group]] = []
     for family in families:
-        base = _common_length([g.prefix for g in family])
-        family.sort(key=lambda g: (-len(g.prefix), g.prefix))
-        batches += _chunk(family, [len(g.prefix) - base for g in family], batch_size)
-    pool.sort(key=lambda g: (-len(g.prefix), g.prefix))
-    batches += _chunk(pool, [len(g.prefix) for g in pool], batch_size)
+        base = _common_length([key(g) for g in family])
+        family.sort(key=lambda g: (-len(key(g)), key(g)))
+        batches += _chunk(family, [len(key(g)) - base for g in family], batch_size)
+    pool.sort(key=lambda g: (-len(key(g)), key(g)))
+    batches += _chunk(pool, [len(key(g)) for g in pool], batch_size)
     return batches
 
 
-def _families(groups: list[_Group]) -> tuple[list[list[_Group]], list[_Group]]:
+def _families(groups: list[_Group],
+              key: Callable[[_Group], tuple[int, ...]]) -> tuple[list[list[_Group]], list[_Group]]:
     """Runs of lexicographically adjacent prefixes sharing >= ``_MIN_SHARED_HEAD`` tokens (the whole run
     then shares at least that many: for sorted sequences the common prefix of a run is the minimum of
     the neighbours'), and the groups in no such run."""
-    ordered = sorted(groups, key=lambda g: g.prefix)
+    ordered = sorted(groups, key=key)
     families: list[list[_Group]] = []
     pool: list[_Group] = []
     run: list[_Group] = []
     for g in [*ordered, None]:
-        if run and (g is None or _common_length([run[-1].prefix, g.prefix]) < _MIN_SHARED_HEAD):
+        if run and (g is None or _common_length([key(run[-1]), key(g)]) < _MIN_SHARED_HEAD):
             if len(run) > 1:
                 families.append(run)
             else:
@@ -488,6 +514,132 @@ def _score_continuations(model: Any, batch: list[_Group], caps: _Caps, cache: An
             acc = totals[it.index]
             acc[1] += lp
             acc[2] = acc[2] and gr
+
+
+# --------------------------------------------------------------------------------------------- packed
+
+
+def _score_packed(model: Any, batch: list[_Group], caps: _Caps, pad_id: int) -> list[tuple[_Item, LoglikelihoodResult]]:
+    """One row per question: ``[context | choice 1 | choice 2 | ...]`` (each choice without its last token),
+    with position ids restarting after the context for every choice and a 4-D attention mask that lets a
+    choice see the context and its own earlier tokens only. Every choice is then scored exactly as if it
+    ran alone after the context, in a single forward pass with no duplicated context and no cache copies.
+    A head shared by the whole batch (few-shot block) is computed once and passed as the cache."""
+    device = _device(model)
+    n = len(batch)
+    head = min(_common_length([g.row for g in batch]), *(len(g.context) - 1 for g in batch)) if n > 1 else 0
+    head = head if head >= _MIN_SHARED_HEAD and caps.cache else 0
+    cache = _prefill(model, caps, batch[0].context[:head], n) if head else None
+    width = max(len(g.row) for g in batch) - head
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((n, width), dtype=torch.long)
+    segment = torch.full((n, width), -1, dtype=torch.long)  # 0: context, k: choice k, -1: padding
+    keep = torch.zeros((n, width), dtype=torch.bool)
+    # (item, kept-position index of each of its continuation tokens), resolved after the forward pass
+    plan: list[tuple[_Item, list[tuple[int, int]]]] = []
+    for r, g in enumerate(batch):
+        ctx_len = len(g.context)
+        ids[r, : ctx_len - head] = torch.tensor(g.context[head:], dtype=torch.long)
+        positions[r, : ctx_len - head] = torch.arange(head, ctx_len)
+        segment[r, : ctx_len - head] = 0
+        keep[r, ctx_len - head - 1] = True
+        col = ctx_len - head
+        for k, it in enumerate(g.items, start=1):
+            seg = it.continuation[:-1]
+            if seg:
+                ids[r, col: col + len(seg)] = torch.tensor(seg, dtype=torch.long)
+                positions[r, col: col + len(seg)] = torch.arange(ctx_len, ctx_len + len(seg))
+                segment[r, col: col + len(seg)] = k
+                keep[r, col: col + len(seg)] = True
+            # token 0 is predicted by the context's last position, token j by the choice's (j-1)-th position
+            plan.append((it, [(r, ctx_len - head - 1)] + [(r, col + j) for j in range(len(seg))]))
+            col += len(seg)
+    mask = _packed_mask(segment, head, _dtype(model))
+    kwargs: dict[str, Any] = {"input_ids": ids.to(device), "position_ids": positions.to(device),
+                              "attention_mask": mask.to(device)}
+    if cache is not None:
+        kwargs.update(past_key_values=cache, use_cache=True)
+    elif caps.cache:
+        kwargs["use_cache"] = False
+    logits, _ = _forward_selected(model, caps, keep.to(device), **kwargs)
+
+    flat = torch.full((n, width), -1, dtype=torch.long)
+    flat[keep] = torch.arange(int(keep.sum()))
+    rows, targets, owners = [], [], []
+    for it, spots in plan:
+        for (r, c), tok in zip(spots, it.continuation, strict=True):
+            rows.append(int(flat[r, c]))
+            targets.append(tok)
+            owners.append(it)
+    picked, greedy = _score(logits[torch.tensor(rows, device=logits.device)],
+                            torch.tensor(targets, dtype=torch.long, device=logits.device))
+    totals: dict[int, list[Any]] = {}
+    for it, lp, gr in zip(owners, picked.tolist(), greedy.tolist(), strict=True):
+        acc = totals.setdefault(it.index, [it, 0.0, True])
+        acc[1] += lp
+        acc[2] = acc[2] and gr
+    return [(it, LoglikelihoodResult(float(lp), bool(gr), len(it.continuation))) for it, lp, gr in totals.values()]
+
+
+def _packed_mask(segment: torch.Tensor, head: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (0 / -large) mask of shape (rows, 1, width, head + width): a query sees the shared head, the
+    context up to itself, and earlier tokens of its own choice; padding sees only itself (no empty rows)."""
+    n, width = segment.shape
+    idx = torch.arange(width)
+    causal = idx[None, :] <= idx[:, None]  # key <= query
+    q, k = segment[:, :, None], segment[:, None, :]
+    allowed = causal[None] & ((k == 0) | (k == q)) & (q >= 0) & (k >= 0)
+    allowed |= torch.eye(width, dtype=torch.bool)[None]
+    if head:
+        allowed = torch.cat([torch.ones((n, width, head), dtype=torch.bool), allowed], dim=2)
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+#: Probe results per model object (weak keys: a freed model's entry goes with it).
+_PACKED_SUPPORT: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def choose_strategy(model: Any, pad_token_id: int = 0) -> str:
+    """The fastest strategy this model scores exactly: ``packed`` if a probe (a context with two choices)
+    gives the same log-likelihoods packed as one sequence per request, else ``shared-context`` when the
+    model has a key/value cache, else ``full``. The probe runs once per model object."""
+    caps = _capabilities(model)
+    try:
+        supported = _PACKED_SUPPORT.get(model)
+        if supported is None:
+            supported = _PACKED_SUPPORT[model] = _probe_packed(model, caps, pad_token_id)
+    except TypeError:  # not weak-referenceable: probe every time
+        supported = _probe_packed(model, caps, pad_token_id)
+    if supported:
+        return "packed"
+    return "shared-context" if caps.cache else "full"
+
+
+def _probe_packed(model: Any, caps: _Caps, pad_id: int) -> bool:
+    if getattr(getattr(model, "config", None), "sliding_window", None):  # a custom mask would bypass it
+        return False
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 100
+    g = torch.Generator().manual_seed(0)
+    toks = [int(t) for t in torch.randint(0, min(int(vocab), 1000), (14,), generator=g)]
+    items = [_Item(0, tuple(toks[:6]), tuple(toks[6:10])), _Item(1, tuple(toks[:6]), tuple(toks[10:14]))]
+    try:
+        with torch.inference_mode():
+            packed = _score_packed(model, [_Group(items[0].context, items)], caps, pad_id)
+            alone = [r for it in items for r in _score_batch(model, [_Group(it.context, [it])], caps, pad_id)]
+    except Exception:  # a model that rejects 4-D masks or position ids: use another strategy
+        return False
+    got = {it.index: r.logprob for it, r in packed}
+    want = {it.index: r.logprob for it, r in alone}
+    return all(abs(got[i] - want[i]) < 1e-3 * max(1.0, abs(want[i])) for i in want)
+
+
+def _dtype(model: Any) -> torch.dtype:
+    try:
+        return next(model.parameters()).dtype
+    except (StopIteration, AttributeError):
+        return torch.float32
 
 
 def _select_cache(cache: Any, rows: torch.Tensor, copy: bool) -> Any:

@@ -37,7 +37,7 @@ METRIC_DEFINITIONS: dict[str, str] = {
 
 ENGINE_NOTE = (
     "log-likelihoods as lm-eval 0.4.13 HFLM (encode whole, split after the context's tokens; left "
-    "truncation), computed with shared-context KV reuse; log-softmax in float32"
+    "truncation), each question's context run once (choices packed after it); log-softmax in float32"
 )
 
 
