@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from rankwise.fileio import write_text_atomic
 
 MODEL = "smollm2-135m"
 SETTINGS = ("rank 1", "50% params", "energy 0.9")
@@ -80,15 +81,6 @@ def limit_threads(threads: int) -> str:
         return f"torch threads={threads}; numpy BLAS threads not limited (threadpoolctl missing)"
     threadpool_limits(threads)
     return f"torch threads={threads}; numpy BLAS threads={threads} (threadpoolctl)"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
-    os.replace(tmp, path)
 
 
 def relative_error(W: torch.Tensor, approx: torch.Tensor) -> float:
@@ -279,7 +271,7 @@ def memory_child(out: Path, threads: int) -> None:
            "rss_file_after_bytes": _status_kb("RssFile") * 1024, "how": how,
            "what": "rankwise.decompose(model, Plan.simple(all layers, all tensors, rank=0.5, method='tucker'))",
            "decompose_seconds": seconds, "params_before": report.params_before, "params_after": report.params_after}
-    write_atomic(out, json.dumps(doc))
+    write_text_atomic(out, json.dumps(doc))
 
 
 def measure_memory(threads: int) -> dict[str, Any]:
@@ -390,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     if str(args.out) == "-":
         sys.stdout.write(text)
     else:
-        write_atomic(args.out, text)
+        write_text_atomic(args.out, text)
         console.print(f"results: {args.out}")
     return 0
 

@@ -11,7 +11,6 @@ apart the per-item log-likelihoods are; writes everything as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -33,7 +32,8 @@ from rich.table import Table
 from rankwise.errors import RankwiseError
 from rankwise.evaluation import harness
 from rankwise.evaluation.registry import EvalOptions
-from rankwise.evaluation.runner import evaluate, write_atomic
+from rankwise.evaluation.runner import evaluate
+from rankwise.fileio import write_json_atomic
 from rankwise.models import DEFAULT_MODEL, load
 
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"model": info.to_dict(), "batch_size": args.batch_size, "threads": torch.get_num_threads(),
            "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
            "load_average_at_end": os.getloadavg(), "results": rows}
-    write_atomic(Path(args.json), json.dumps(doc, indent=2) + "\n")
+    write_json_atomic(args.json, doc)
     console.print(f"written to {args.json}")
     return 0
 

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -33,8 +32,8 @@ from rich.table import Table
 from rankwise.errors import RankwiseError
 from rankwise.evaluation.perplexity import encode, score_windows, token_perplexity, token_windows
 from rankwise.evaluation.registry import EvalOptions, Task, get_task
-from rankwise.evaluation.runner import write_atomic
 from rankwise.evaluation.tasks import wikitext
+from rankwise.fileio import write_json_atomic
 from rankwise.models import DEFAULT_MODEL, load
 
 
@@ -65,7 +64,7 @@ def compare(model, ids: list[int], seq_len: int, n_windows: int, batch_size: int
 
 def _save(path: str, doc: dict, complete: bool) -> None:
     """Write the results so far (a long run that dies keeps its finished stages)."""
-    write_atomic(Path(path), json.dumps({**doc, "complete": complete}, indent=2) + "\n")
+    write_json_atomic(path, {**doc, "complete": complete})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,8 +16,8 @@ decode step incl. the tied 49152x576 LM head; FLOPs for prefill), as executed an
 Target: decode at batch 1 realizes >= 80% of the ideal bytes speedup (measured/ideal) for the 50% and 25%
 plans, and no plan is slower than dense. Timings are noisy on a shared machine: read the A/A row.
 
-    .venv/bin/python bench/speedup.py                 # ~10-15 min on 2 shared cores
-    .venv/bin/python bench/speedup.py --threads 2 --repeats 7 --json out.json
+    .venv/bin/python bench/speedup.py                 # ~7 min on an idle 2-core machine
+    .venv/bin/python bench/speedup.py --threads 2 --repeats 11 --json out.json
 """
 
 from __future__ import annotations
@@ -34,11 +34,12 @@ from rich.console import Console
 from rich.table import Table
 
 import rankwise
-from rankwise.cli.bench_cmd import parse_ints, parse_scoring, write_json_atomic
+from rankwise.cli.bench_cmd import parse_ints, parse_scoring
 from rankwise.design import Plan
 from rankwise.efficiency.compare import CONTROL, BenchConfig, compare, static_numbers
 from rankwise.efficiency.execution import choose_execution
 from rankwise.efficiency.ideal import realized
+from rankwise.fileio import write_json_atomic
 from rankwise.settings import cache_dir
 
 PLANS = {
@@ -54,12 +55,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared 2-core machine two threads wait on each other "
                         "at every op barrier; use 2 on an idle machine)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=9,
+                   help="timed runs per workload and model (median reported); this VM's runs vary by +-15%%")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seq-lens", default="128,512")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--context", type=int, default=128)
-    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--scoring", default="none", help="BATCHxTOKENS scoring pass (e.g. 8x256) or none")
     p.add_argument("--no-guard", action="store_true", help="skip the end-to-end decode guard")
     p.add_argument("--execution", choices=("auto", "as-is"), default="auto")
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                                   guard_batch_sizes=config.batch_sizes[:1])
             executions[name] = er.to_dict()
             guard = er.guard[-1].ratio if er.guard else None
-            console.print(f"  execution forms {er.counts()}; guard decode ratio "
+            console.print(f"  execution forms {er.counts()}, factor layouts {er.layout_counts()}; guard decode ratio "
                           f"{'-' if guard is None else f'{guard:.3f}'} "
                           f"({len(er.guard)} round(s)); {er.seconds:.0f} s")
         models[name] = model

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import tiny
 from rankwise import decompose, merge
 from rankwise.calibration import CalibrationConfig, cached_stats, calibration_ids
 from rankwise.decomposition import get_method
@@ -22,14 +23,7 @@ from rankwise.models.adapters import adapter_for
 
 
 def tiny_llama(vocab: int = 128, layers: int = 3, seed: int = 0) -> nn.Module:
-    """A small random-weight Llama (hidden 64, MLP 128): for fast shape and edge-case checks only."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True)
-    return LlamaForCausalLM(config).eval()
+    return tiny.tiny_llama(vocab=vocab, layers=layers, seed=seed)
 
 
 def n_params(model: nn.Module) -> int:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import rankwise
+import tiny
 from rankwise.design import Plan
 from rankwise.efficiency import accounting, energy, execution, flops, ideal, timing
 from rankwise.efficiency.compare import BenchConfig, compare
@@ -28,14 +29,7 @@ SMOL_TARGETS = 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 576 * 1536)
 
 # --- helpers ---------------------------------------------------------------------------------------------
 def tiny_llama(tie: bool = True, seed: int = 0) -> nn.Module:
-    """A random 2-layer Llama with GQA, for fast shape and mechanics tests."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
-                      tie_word_embeddings=tie)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny.tiny_llama(max_positions=128, tie=tie, seed=seed)
 
 
 @pytest.fixture
@@ -340,9 +334,10 @@ def test_choose_execution_picks_and_records_every_target(cache_tmp, one_thread):
         assert t.reason.startswith(t.form)
         module = adapter.linear(t.layer, t.role)
         if t.form == "dense":
-            assert type(module) is nn.Linear
+            assert type(module) is nn.Linear and t.layouts is None
         else:
             assert isinstance(module, FactorizedLinear) and module.shape.form == t.form
+            assert t.layouts == module.layouts and set(t.layouts) == set(module.factors())
     with torch.inference_mode():
         after = model(ids).logits
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)  # execution form never changes the function
@@ -350,7 +345,11 @@ def test_choose_execution_picks_and_records_every_target(cache_tmp, one_thread):
     assert cache_file.is_file() and cache_file.parent == cache_tmp / "execution"
     assert "-float32-t1" in cache_file.name
     entries = json.loads(cache_file.read_text())["entries"]
-    assert len(entries) == 4 * 2 * 3  # 4 distinct shapes x 2 token counts x 3 forms
+    forms = [k for k in entries if not k.startswith("matrix:")]
+    assert len(forms) == 4 * 2 * 3  # 4 distinct shapes x 2 token counts x 3 forms
+    matrices = {k.split(":")[1] for k in entries if k.startswith("matrix:")}
+    # each factor matrix of each shape's three- and two-factor forms, timed in both layouts at both counts
+    assert len(entries) - len(forms) == len(matrices) * 2 * 2
     json.dumps(report.to_dict())
 
 
@@ -368,6 +367,28 @@ def test_execution_cache_is_reused(cache_tmp, one_thread, monkeypatch):
     again = execution.benchmark_shape(shape, (1,), dev, torch.float32,
                                       execution.TimingCache.for_device(dev, torch.float32, 1))
     assert again == first
+
+
+def test_relayout_keeps_values_state_and_picks_col_only_when_faster_everywhere():
+    layer = FactorizedLinear.from_factors(torch.randn(64, 8), None, torch.randn(32, 8))
+    x = torch.randn(3, 32)
+    before = layer(x)
+    layer.set_layouts({"first": "col", "last": "col"})
+    assert layer.layouts == {"first": "col", "last": "col"} and not layer.last.weight.is_contiguous()
+    assert layer.last.weight.shape == (64, 8)
+    torch.testing.assert_close(layer(x), before)
+    state = layer.state_dict()
+    assert all(v.is_contiguous() for v in state.values())  # safetensors refuses strided tensors
+    layer.set_layouts({"first": "row", "last": "row"})
+    assert layer.layouts == {"first": "row", "last": "row"} and layer.last.weight.is_contiguous()
+    T = execution.FormTiming
+    assert execution.choose_layout({1: {"row": T(100, 100, 3), "col": T(50, 50, 3)},
+                                    8: {"row": T(200, 200, 3), "col": T(150, 150, 3)}}) == "col"
+    assert execution.choose_layout({1: {"row": T(100, 100, 3), "col": T(50, 50, 3)},
+                                    8: {"row": T(200, 200, 3), "col": T(210, 210, 3)}}) == "row"  # 5% slower
+    assert execution.choose_layout({1: {"row": T(100, 100, 3), "col": T(50, 50, 3)},
+                                    512: {"row": T(200, 220, 3), "col": T(210, 210, 3)}}) == "col"  # in noise
+    assert execution.choose_layout({1: {"row": T(100, 100, 3), "col": T(99, 99, 3)}}) == "row"  # within margin
 
 
 def test_choose_form_rule():

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import tiny
 from rankwise.evaluation import engine
 from rankwise.evaluation.multiple_choice import MCDoc, ScoredDoc, acc_metrics, argmax, mc2_metric
 from rankwise.evaluation.sampling import select
@@ -18,13 +19,7 @@ from rankwise.evaluation.sampling import select
 @pytest.fixture(scope="module")
 def tiny_llama(smollm):
     """A 2-layer random Llama with the real tokenizer's vocabulary: fast, and a short max length."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=smollm.model.config.vocab_size, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=24, tie_word_embeddings=True)
-    return LlamaForCausalLM(config).eval()
+    return tiny.tiny_llama(vocab=smollm.model.config.vocab_size, hidden=32, intermediate=64, max_positions=24)
 
 
 def _hflm(model, tokenizer, **kwargs):

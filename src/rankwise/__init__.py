@@ -26,13 +26,17 @@ from rankwise.models import load as load_model
 
 __version__ = "0.1.0"
 
-__all__ = ["RankwiseError", "__version__", "decompose", "load", "load_model", "merge", "save"]
+__all__ = ["RankwiseError", "__version__", "choose_execution", "decompose", "load", "load_model", "merge", "save"]
 
 
 def __getattr__(name: str) -> Any:
-    """``rankwise.decompose`` / ``rankwise.merge`` import the decomposition machinery on first use."""
+    """``rankwise.decompose`` / ``merge`` / ``choose_execution`` import their machinery on first use."""
     if name in ("decompose", "merge"):
         from rankwise import surgery
 
         return getattr(surgery, name)
+    if name == "choose_execution":
+        from rankwise.efficiency.execution import choose_execution
+
+        return choose_execution
     raise AttributeError(f"module 'rankwise' has no attribute {name!r}")

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from torch import nn
 
 from rankwise.calibration.stats import StatsRequest, collect_stats
 from rankwise.decomposition.base import CalibrationStats
+from rankwise.fileio import atomic_path
 from rankwise.settings import cache_dir
 
 FORMAT_VERSION = 1
@@ -94,15 +93,8 @@ def save_stats(path: Path, stats: Mapping[str, CalibrationStats], metadata: Mapp
                 tensors[stored[id(t)]] = t.detach().cpu().contiguous()
             entry[f] = stored[id(t)]
         index[name] = entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".stats-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"rankwise": json.dumps({"index": index, **metadata})})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"rankwise": json.dumps({"index": index, **metadata})})
 
 
 def load_stats(path: Path) -> dict[str, CalibrationStats] | None:

@@ -36,6 +36,7 @@ from rankwise.checkpoint.format import (
     read_config,
 )
 from rankwise.errors import ModelLoadError, RankwiseError, first_line
+from rankwise.fileio import dir_mode, file_mode
 
 #: Auto classes tried, in order, for the ``auto_map`` of the remote-code model class.
 _AUTO_CLASSES = (
@@ -163,12 +164,10 @@ def _save_pretrained_quietly(model: nn.Module, folder: Path) -> None:
 
 def _normal_permissions(folder: Path) -> None:
     """mkdtemp makes a private (0700) folder; give the checkpoint the permissions a plain mkdir would."""
-    mask = os.umask(0)
-    os.umask(mask)
-    folder.chmod(0o777 & ~mask)
+    folder.chmod(dir_mode())
     for path in folder.iterdir():
         if path.is_file():
-            path.chmod(0o666 & ~mask)
+            path.chmod(file_mode())
 
 
 def _replace_folder(tmp: Path, out: Path) -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,6 +17,7 @@ from rich.console import Console
 
 from rankwise.cli.main import app
 from rankwise.errors import RankwiseError
+from rankwise.fileio import write_json_atomic
 
 
 def parse_ints(text: str, option: str) -> tuple[int, ...]:
@@ -61,19 +60,6 @@ def _loadable(spec: str) -> bool:
     return spec in BUNDLED or Path(spec).expanduser().exists()
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @app.command()
 def bench(
     model: Annotated[str, typer.Argument(help="A rankwise checkpoint folder, or any model spec (with --plan or "
@@ -95,8 +81,8 @@ def bench(
     threads: Annotated[int | None, typer.Option(help="torch.set_num_threads (default: torch's).")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoint's "
                                                    "own, float32 otherwise).")] = None,
-    execution: Annotated[str, typer.Option(help="auto: choose fold/merge per layer by measurement (cached); "
-                                                "as-is: run the factors as stored.")] = "auto",
+    execution: Annotated[str, typer.Option(help="auto: choose fold/merge and factor memory layout per layer by "
+                                                "measurement (cached); as-is: run the factors as stored.")] = "auto",
     guard: Annotated[bool, typer.Option("--guard/--no-guard", help="With --execution auto: merge more layers "
                                                                    "until decode is not slower than dense.")] = True,
     control: Annotated[bool, typer.Option("--control", help="Also time the baseline a second time (A/A) to show "
@@ -178,7 +164,8 @@ def bench(
         er = choose_execution(decomposed, device=device, guard=guard and is_causal_lm(decomposed), reference=dense)
         extra["execution"] = er.to_dict()
         if not quiet:
-            Console().print(f"execution forms: {er.counts()} (micro-benchmarks cached in {er.cache_file})")
+            Console().print(f"execution forms: {er.counts()}, factor layouts: {er.layout_counts()} "
+                            f"(micro-benchmarks cached in {er.cache_file})")
 
     # --- measure ---------------------------------------------------------------------------------------------
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -8,9 +8,6 @@ written, and OUT is written to a temp folder and renamed: a failed run leaves no
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +17,7 @@ from rich.table import Table
 
 from rankwise.cli.main import app
 from rankwise.errors import PlanError, RankwiseError
+from rankwise.fileio import write_json_atomic
 from rankwise.models import DEFAULT_MODEL
 
 
@@ -46,22 +44,6 @@ def _tensor_list(text: str) -> str | list[str]:
     if not parts:
         raise PlanError("--tensors: empty (use all, attn, mlp or role names like q,k,v)")
     return parts[0] if len(parts) == 1 else parts
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.fchmod(fd, 0o666 & ~mask)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @app.command()
@@ -116,7 +98,7 @@ def decompose(
     data = report.to_dict()
     data["checkpoint"] = str(out)
     if json_out is not None:
-        _write_json_atomic(json_out, data)
+        write_json_atomic(json_out, data)
     print_summary(data)
 
 

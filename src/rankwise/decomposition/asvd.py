@@ -8,26 +8,11 @@ the output error; α = 0.5 is the paper's default. Needs calibration statistic `
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from rankwise.decomposition.base import (
-    CalibrationStats,
-    DecompositionMethod,
-    Factors,
-    MethodResult,
-    Rank,
-    check_weight,
-    register_method,
-    stats_field,
-)
-from rankwise.decomposition.solvers import singular_values, truncated_svd
+from rankwise.decomposition.base import CalibrationStats, register_method, stats_field
+from rankwise.decomposition.scaled import ScaledSVDMethod, Scaling, clamped_scales
 from rankwise.errors import DecompositionError
-
-log = logging.getLogger(__name__)
-
-FLOOR = 1e-6  # channel scales are clamped at FLOOR × the largest scale
 
 
 def channel_scales(act_abs_mean: torch.Tensor, n: int, alpha: float,
@@ -38,52 +23,23 @@ def channel_scales(act_abs_mean: torch.Tensor, n: int, alpha: float,
         raise DecompositionError(f"asvd: act_abs_mean has {a.numel()} channels, weight has {n} input features")
     if not bool(torch.isfinite(a).all()):
         raise DecompositionError("asvd: act_abs_mean contains NaN/Inf")
-    s = a.abs().pow(alpha)
-    top = float(s.max())
-    if top <= 0.0:
-        raise DecompositionError("asvd: all calibration activations are zero; no channel scaling to use")
-    floor = FLOOR * top
-    low = int((s < floor).sum())
-    if low:
-        note = f"asvd: {low} of {n} input channels had ~zero activation; scale clamped at {FLOOR:g}×max"
-        log.warning(note)
-        if fallbacks is not None:
-            fallbacks.append(note)
-        s = s.clamp_min(floor)
-    return s
+    return clamped_scales(a.abs().pow(alpha), "asvd", "input channels had ~zero activation",
+                          "all calibration activations are zero; no channel scaling to use", fallbacks)
 
 
 @register_method
-class ASVD(DecompositionMethod):
+class ASVD(ScaledSVDMethod):
     """SVD of W·diag(mean|x|^α), unscaled into the right factor; two factors of rank r."""
 
     name = "asvd"
     needs = frozenset({"act_abs_mean"})
-    form = "two_factor"
     summary = "activation-aware SVD (input channels scaled by mean|x|^0.5; needs act_abs_mean)"
+    error_name = "scaled_error"
 
     def __init__(self, alpha: float = 0.5, solver: str = "auto") -> None:
+        super().__init__(solver)
         self.alpha = alpha
-        self.solver = solver
 
-    def decompose(self, weight: torch.Tensor, rank: Rank, stats: CalibrationStats | None = None) -> MethodResult:
-        W = check_weight(weight, self.name)
-        stats = self.check_stats(stats)
-        r, _ = self.ranks_for(rank, *W.shape)
-        fallbacks: list[str] = []
+    def scaling(self, W: torch.Tensor, stats: CalibrationStats, fallbacks: list[str]) -> Scaling:
         s = channel_scales(stats_field(stats, "act_abs_mean", W), W.shape[1], self.alpha, fallbacks)
-        M = W * s.to(torch.float32)
-        res = truncated_svd(M, r, self.solver)
-        root = torch.sqrt(res.s.clamp_min(0))
-        A = (res.U * root).float().contiguous()
-        B = ((res.V.to(torch.float64) / s[:, None]) * root.to(torch.float64)).float().contiguous()
-        total = float(torch.linalg.norm(M.to(torch.float64))) ** 2
-        kept = float((res.s.to(torch.float64) ** 2).sum())
-        scaled = (max(total - kept, 0.0) / total) ** 0.5 if total > 0 else 0.0
-        return MethodResult(Factors(A, None, B), fallbacks, res.solver, {"scaled_error": scaled})
-
-    def singular_values(self, weight: torch.Tensor, stats: CalibrationStats | None = None) -> torch.Tensor:
-        W = check_weight(weight, self.name)
-        stats = self.check_stats(stats)
-        s = channel_scales(stats_field(stats, "act_abs_mean", W), W.shape[1], self.alpha)
-        return singular_values(W * s.to(torch.float32))
+        return Scaling(W * s.to(torch.float32), unscale_right=lambda B: B / s[:, None])

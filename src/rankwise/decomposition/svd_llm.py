@@ -20,17 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rankwise.decomposition.base import (
-    CalibrationStats,
-    DecompositionMethod,
-    Factors,
-    MethodResult,
-    Rank,
-    check_weight,
-    register_method,
-    stats_field,
-)
-from rankwise.decomposition.solvers import singular_values, truncated_svd
+from rankwise.decomposition.base import CalibrationStats, register_method, stats_field
+from rankwise.decomposition.scaled import ScaledSVDMethod, Scaling
 from rankwise.errors import DecompositionError
 
 log = logging.getLogger(__name__)
@@ -91,39 +82,17 @@ def whitening(gram: torch.Tensor, n: int, fallbacks: list[str]) -> Whitening:
 
 
 @register_method
-class SVDLLM(DecompositionMethod):
+class SVDLLM(ScaledSVDMethod):
     """SVD of the whitened W·S (XᵀX = S·Sᵀ), unwhitened by a triangular solve; two factors of rank r."""
 
     name = "svd-llm"
     needs = frozenset({"gram"})
-    form = "two_factor"
     summary = "truncation-aware whitening (Cholesky of the calibration Gram; needs gram)"
+    error_name = "whitened_error"
 
-    def __init__(self, solver: str = "auto") -> None:
-        self.solver = solver
-
-    def decompose(self, weight: torch.Tensor, rank: Rank, stats: CalibrationStats | None = None) -> MethodResult:
-        W = check_weight(weight, self.name)
-        stats = self.check_stats(stats)
-        r, _ = self.ranks_for(rank, *W.shape)
-        fallbacks: list[str] = []
+    def scaling(self, W: torch.Tensor, stats: CalibrationStats, fallbacks: list[str]) -> Scaling:
         white = whitening(stats_field(stats, "gram", W), W.shape[1], fallbacks)
         M = (W.to(torch.float64) @ white.S).to(torch.float32)
-        res = truncated_svd(M, r, self.solver)
-        root = torch.sqrt(res.s.clamp_min(0)).to(torch.float64)
-        A = (res.U.to(torch.float64) * root).float().contiguous()
-        Bt = white.right_solve(root[:, None] * res.V.to(torch.float64).T)  # √Σ_r·V_rᵀ·S⁻¹, (r × n)
-        B = Bt.T.float().contiguous()
-        if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
-            raise DecompositionError(f"svd-llm: factors of the {W.shape[0]}x{W.shape[1]} weight are not finite "
-                                     f"(whitening '{white.kind}' too ill-conditioned)")
-        total = float(torch.linalg.norm(M.to(torch.float64))) ** 2
-        kept = float((res.s.to(torch.float64) ** 2).sum())
-        whitened = (max(total - kept, 0.0) / total) ** 0.5 if total > 0 else 0.0
-        return MethodResult(Factors(A, None, B), fallbacks, res.solver, {"whitened_error": whitened})
-
-    def singular_values(self, weight: torch.Tensor, stats: CalibrationStats | None = None) -> torch.Tensor:
-        W = check_weight(weight, self.name)
-        stats = self.check_stats(stats)
-        white = whitening(stats_field(stats, "gram", W), W.shape[1], [])
-        return singular_values((W.to(torch.float64) @ white.S).to(torch.float32))
+        # Bᵀ = √Σ_r·V_rᵀ·S⁻¹ (r × n) by a triangular solve, never an explicit inverse
+        return Scaling(M, unscale_right=lambda B: white.right_solve(B.T).T,
+                       note=f"whitening '{white.kind}' too ill-conditioned")

@@ -77,7 +77,19 @@ def get_task(name: str) -> Task:
     try:
         return _TASKS[name]()
     except KeyError:
-        raise RankwiseError(f"unknown task '{name}' (known: {', '.join(sorted(_TASKS))})") from None
+        import difflib
+
+        close = difflib.get_close_matches(name, list(_TASKS), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise RankwiseError(f"unknown task '{name}' ({hint}known: {', '.join(_summary_names())})") from None
+
+
+def _summary_names() -> list[str]:
+    """Task names for messages, with the 57 single MMLU subjects collapsed into one entry."""
+    subjects = [n for n in _TASKS if n.startswith("mmlu_")]
+    names = [n for n in sorted(_TASKS) if n not in subjects or n in ("mmlu_stem", "mmlu_humanities",
+                                                                        "mmlu_social_sciences", "mmlu_other")]
+    return [*names, f"mmlu_<subject> ({len(subjects) - 4} subjects)"]
 
 
 def task_names() -> list[str]:

@@ -8,9 +8,6 @@ two. It knows nothing about task kinds beyond ``task.requires``: each task's ``r
 from __future__ import annotations
 
 import json
-import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -19,6 +16,7 @@ from typing import Any
 from rankwise.errors import DataError, RankwiseError
 from rankwise.evaluation.registry import EvalOptions, Task, get_task
 from rankwise.evaluation.results import TaskResult
+from rankwise.fileio import json_safe, write_json_atomic, write_text_atomic
 from rankwise.settings import data_dir as default_data_dir
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -128,42 +126,17 @@ def iter_samples(result: TaskResult) -> Iterator[dict[str, Any]]:
         yield from iter_samples(sub)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _clean(obj: Any) -> Any:
-    """JSON-safe: NaN/inf become null (strict JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    return obj
-
-
 def results_document(results: Sequence[TaskResult], meta: dict[str, Any]) -> dict[str, Any]:
     """The JSON written by ``--json``: run metadata plus, per task, metrics, stderrs, n and protocol."""
-    return _clean({**meta, "results": {r.task: r.to_dict() for r in results}})
+    return json_safe({**meta, "results": {r.task: r.to_dict() for r in results}})
 
 
 def save_results(path: Path, results: Sequence[TaskResult], meta: dict[str, Any]) -> None:
-    write_atomic(path, json.dumps(results_document(results, meta), indent=2) + "\n")
+    write_json_atomic(path, results_document(results, meta))
 
 
 def save_samples(path: Path, results: Sequence[TaskResult]) -> int:
     """Per-item records of every task as JSONL; returns the number of lines written."""
-    lines = [json.dumps(_clean(rec)) for r in results for rec in iter_samples(r)]
-    write_atomic(path, "\n".join(lines) + ("\n" if lines else ""))
+    lines = [json.dumps(json_safe(rec)) for r in results for rec in iter_samples(r)]
+    write_text_atomic(path, "\n".join(lines) + ("\n" if lines else ""))
     return len(lines)

@@ -21,6 +21,29 @@ from torch import nn
 from torch.nn import functional as F
 
 Form = Literal["three_factor", "two_factor"]
+Layout = Literal["row", "col"]
+FACTORS = ("first", "core", "last")
+
+
+def weight_layout(weight: torch.Tensor) -> Layout:
+    """``row``: stored (out, in) row-major, as nn.Linear creates it; ``col``: stored (in, out), seen transposed."""
+    return "col" if weight.dim() == 2 and weight.stride(0) == 1 and weight.stride(1) != 1 else "row"
+
+
+def relayout_(linear: nn.Linear, layout: Layout) -> None:
+    """Re-store ``linear.weight`` in ``layout`` without changing its shape or values (in place).
+
+    ``F.linear(x, W)`` computes x·Wᵀ. With the ``col`` layout Wᵀ is a contiguous (in, out) matrix, so a
+    single-token GEMV streams long rows of length ``out`` instead of ``out`` short dot products of length
+    ``in``: for factors with out ≫ in (the d×r "last" factor) that doubles the bandwidth measured on CPU
+    (bench/speedup.py, :mod:`rankwise.efficiency.execution`). State dicts and checkpoints are unaffected:
+    savers write ``.contiguous()`` tensors with the standard (out, in) shape.
+    """
+    w = linear.weight
+    if weight_layout(w) == layout:
+        return
+    data = w.detach().t().contiguous().t() if layout == "col" else w.detach().contiguous()
+    linear.weight = nn.Parameter(data, requires_grad=w.requires_grad)
 
 
 @dataclass(frozen=True)
@@ -47,6 +70,14 @@ class FactorizedShape:
         return n + (self.out_features if self.bias else 0)
 
 
+def _contiguous_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State dicts always hold contiguous (out, in) tensors, whatever layout the factors execute in."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        value = state_dict[key]
+        if isinstance(value, torch.Tensor) and not value.is_contiguous():
+            state_dict[key] = value.contiguous()
+
+
 class FactorizedLinear(nn.Module):
     """y = x·B·Gᵀ·Aᵀ + b, as two or three chained Linears; a drop-in replacement for ``nn.Linear``."""
 
@@ -64,6 +95,7 @@ class FactorizedLinear(nn.Module):
         else:
             self.core = None
             self.last = nn.Linear(shape.rank_in, shape.out_features, bias=shape.bias, **kw)
+        self.register_state_dict_post_hook(_contiguous_state)
 
     # --- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -142,6 +174,23 @@ class FactorizedLinear(nn.Module):
                 dense.bias.copy_(self.last.bias)
         return dense
 
+    def factors(self) -> dict[str, nn.Linear]:
+        """The factor Linears by name (``first``, ``core`` when three-factor, ``last``)."""
+        return {name: m for name in FACTORS if (m := getattr(self, name)) is not None}
+
+    @property
+    def layouts(self) -> dict[str, Layout]:
+        """How each factor's weight is stored in memory (see :func:`relayout_`)."""
+        return {name: weight_layout(m.weight) for name, m in self.factors().items()}
+
+    def set_layouts(self, layouts: dict[str, Layout]) -> FactorizedLinear:
+        """Re-store factors in the given layouts (an execution choice; values and state dict unchanged)."""
+        for name, layout in layouts.items():
+            relayout_(self.factors()[name], layout)
+        return self
+
     def extra_repr(self) -> str:
         s = self.shape
-        return f"in={s.in_features}, out={s.out_features}, ranks=[{s.rank_out}, {s.rank_in}], form={s.form}"
+        lay = "" if all(v == "row" for v in self.layouts.values()) else \
+            ", layouts=" + "/".join(f"{k}:{v}" for k, v in self.layouts.items())
+        return f"in={s.in_features}, out={s.out_features}, ranks=[{s.rank_out}, {s.rank_in}], form={s.form}{lay}"
