@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--json", default="bench/results/perplexity.json")
     args = parser.parse_args(argv)
+    if args.data_dir is None and not os.environ.get("RANKWISE_DATA"):
+        sibling = Path(__file__).resolve().parents[2] / "shared" / "data"  # the checkout's CI layout
+        args.data_dir = str(sibling) if sibling.is_dir() else None
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console()

@@ -119,7 +119,7 @@ def summary(console: Console, result: Any, planned: dict[str, dict[str, Any]], c
     dense_static = result.static["dense"]
     b1 = next(w for w in config.workloads(True) if w.kind == "decode" and w.batch == config.batch_sizes[0])
     table = Table(title=f"summary: {b1.name}, realized = measured speedup / ideal bytes speedup")
-    for col in ("model", "params (planned -> executed)", "param ratio", "decode speedup", "ideal (executed)",
+    for col in ("model", "params (planned -> executed)", "param ratio", "decode speedup", "paired", "ideal (executed)",
                 "realized (executed)", "ideal (planned)", "realized (planned)", "gain realized (planned)",
                 "slower than dense anywhere?"):
         table.add_column(col, justify="left" if col == "model" else "right")
@@ -148,11 +148,14 @@ def summary(console: Console, result: Any, planned: dict[str, dict[str, Any]], c
         table.add_row(
             r.model, f"{_m(plan['params']) if plan else '-'} -> {_m(params_now)}",
             f"{params_now / dense_params:.3f}", f"{r.speedup:.3f}x",
+            "-" if r.paired_speedup is None else f"{r.paired_speedup:.3f}x",
             "-" if executed_ideal is None else f"{executed_ideal:.3f}x",
             _pct(real_exec["realized"]), "-" if planned_ideal is None else f"{planned_ideal:.3f}x",
             _pct(real_plan["realized"]), _pct(real_plan["gain_realized"]), verdict)
     console.print(table)
     worst = max(noise.values(), default=float("nan"))
+    console.print("decode speedup = ratio of the medians (the target's measure); paired = median of the per-repeat "
+                  "ratios of interleaved runs, which cancels drift on a shared machine")
     console.print(f"noise: the A/A control (dense vs itself) strays up to {100 * worst:.1f}% from 1.00x "
                   f"({', '.join(f'{k} {100 * v:.1f}%' for k, v in noise.items())}); differences smaller than "
                   f"that are not resolved by this run")

@@ -305,6 +305,11 @@ def test_compare_energy_null_with_reason_and_numbers_with_counter(tmp_path, monk
     assert all(r["energy"] is None for r in data["rows"])
     other = next(r for r in data["rows"] if r["model"] == "other" and r["workload"]["kind"] == "decode")
     assert other["ideal"]["bound"] == "bytes" and other["realized"] is not None
+    assert other["paired_speedup"] > 0
+    from rankwise.efficiency.compare import paired_speedup
+
+    # one slow spell hitting the model's second run: ratio of medians 1.0/1.5, per-pair ratios 2, 0.5, 2
+    assert paired_speedup([1.0, 1.0, 3.0], [0.5, 2.0, 1.5]) == 2.0 and paired_speedup([], []) is None
     _zone(tmp_path / "rapl" / "intel-rapl:0", "package-0", 1000, 10**9)
     monkeypatch.setattr(energy, "RAPL_ROOT", tmp_path / "rapl")
     data = compare(models, "dense", config).to_dict()

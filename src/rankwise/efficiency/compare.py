@@ -16,6 +16,7 @@ An optional *A/A control* measures the baseline a second time under another name
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,11 +73,13 @@ class Row:
     result: WorkloadResult
     speedup: float | None
     ideal: Ideal | None
+    paired_speedup: float | None = None  # median over repeats of baseline time / model time, run by run
 
     def to_dict(self) -> dict[str, Any]:
         ideal = self.ideal.speedup if self.ideal else None
         return {**self.result.to_dict(),
                 "speedup_vs_baseline": self.speedup,
+                "paired_speedup": self.paired_speedup,
                 "ideal": self.ideal.to_dict() if self.ideal else None,
                 **realized(self.speedup, ideal)}
 
@@ -107,6 +110,8 @@ class BenchResult:
                 "timing": "median of repeats after warm-up, models interleaved (order alternating per repeat); "
                           "spread as min/max and IQR",
                 "speedup": "baseline time / model time (prefill: tokens/s ratio)",
+                "paired_speedup": "median over repeats of baseline time / model time of the same repeat "
+                                  "(interleaved runs; cancels slow drift)",
                 "ideal": "decode: bytes read per step (weights incl. whole LM head, embedding rows, KV cache); "
                          "prefill and scoring: FLOPs of the pass",
                 "realized": "measured speedup / ideal speedup",
@@ -246,17 +251,29 @@ def compare(models: Mapping[str, nn.Module], baseline: str, config: BenchConfig 
                  **{n: m for n, m in models.items() if n != baseline}}
     results = measure(timed, config.workloads(causal), repeats=config.repeats, warmup=config.warmup,
                       device=config.device, counter=counter, memory=config.memory, progress=progress)
-    base_median = {r.workload.name: r.metric.median for r in results if r.model == baseline}
+    base = {r.workload.name: r for r in results if r.model == baseline}
     rows = []
     for r in results:
-        b = base_median[r.workload.name]
+        b = base[r.workload.name].metric.median
         speedup = (r.metric.median / b) if r.workload.higher_is_better else (b / r.metric.median)
         ideal = None if r.model == baseline else _ideal_for(dense, timed[r.model], r.workload, config)
-        rows.append(Row(model=r.model, result=r, speedup=speedup, ideal=ideal))
+        rows.append(Row(model=r.model, result=r, speedup=speedup, ideal=ideal,
+                        paired_speedup=paired_speedup(base[r.workload.name].samples, r.samples)))
     env = environment(config.device)
     env["dtype"] = str(next(dense.parameters()).dtype).removeprefix("torch.")
     return BenchResult(baseline=baseline, config=config, sizes=sizes, static=static, rows=rows,
                        energy_reason=None if counter is not None else reason, environment=env)
+
+
+def paired_speedup(baseline_seconds: Sequence[float], model_seconds: Sequence[float]) -> float | None:
+    """Median of the per-repeat time ratios baseline / model.
+
+    Repeats are interleaved (:func:`~rankwise.efficiency.timing.measure`), so repeat i of both models ran
+    seconds apart under the same machine state; the ratio within a pair cancels slow drift (neighbours' load,
+    CPU migration) that the ratio of the two medians does not. Reported next to it, not instead of it.
+    """
+    pairs = [b / m for b, m in zip(baseline_seconds, model_seconds, strict=False) if m > 0]
+    return statistics.median(pairs) if pairs else None
 
 
 def speedups_by_model(result: BenchResult, workloads: Sequence[str]) -> dict[str, dict[str, float | None]]:
