@@ -35,6 +35,7 @@ COMMAND_MODULES = (
     "rankwise.cli.eval_cmd",
     "rankwise.cli.decompose_cmd",
     "rankwise.cli.bench_cmd",
+    "rankwise.cli.cache_cmd",
 )
 
 

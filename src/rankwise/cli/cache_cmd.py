@@ -1,0 +1,47 @@
+"""``rankwise cache``: what the cache folder holds, and clearing parts of it."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rankwise.caches import clear, parse_kinds, usage
+from rankwise.cli.main import app
+from rankwise.settings import cache_dir
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
+
+
+@app.command()
+def cache(
+    clear_kinds: Annotated[str | None, typer.Option(
+        "--clear", help="Delete these kinds: gguf, calibration, execution, bench (comma-separated) or all.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print usage as JSON.")] = False,
+) -> None:
+    """Show what $RANKWISE_CACHE holds (converted models, calibration statistics, timings); --clear frees it."""
+    if clear_kinds is not None:
+        kinds = parse_kinds(clear_kinds)
+        freed = clear(kinds)
+        if not as_json:
+            Console().print(f"cleared {', '.join(kinds)}: {_size(freed)} freed")
+    rows = usage()
+    if as_json:
+        typer.echo(json.dumps({"cache_dir": str(cache_dir()), "kinds": [r.to_dict() for r in rows]}, indent=2))
+        return
+    table = Table(title=f"rankwise cache: {cache_dir()}")
+    for col in ("kind", "files", "size", "what"):
+        table.add_column(col, justify="right" if col in ("files", "size") else "left")
+    for r in rows:
+        table.add_row(r.kind, str(r.files), _size(r.bytes), r.description)
+    table.caption = f"total {_size(sum(r.bytes for r in rows))}; all of it is rebuilt on demand"
+    Console().print(table)
