@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from helpers import run_cli
 from rankwise import caches
 
 
@@ -20,20 +21,11 @@ def cache_root(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _cli(argv, capsys):
-    from rankwise.cli.main import run
-
-    with pytest.raises(SystemExit) as info:
-        run(argv)
-    out = capsys.readouterr()
-    return info.value.code, out.out, out.err
-
-
 def test_usage_and_clear_one_kind(cache_root, capsys):
     by_kind = {u.kind: u for u in caches.usage()}
     assert (by_kind["calibration"].files, by_kind["calibration"].bytes) == (1, 1000)
     assert by_kind["gguf"].files == 0 and set(by_kind) == set(caches.KINDS)
-    code, out, _ = _cli(["cache", "--clear", "calibration", "--json"], capsys)
+    code, out, _ = run_cli(["cache", "--clear", "calibration", "--json"], capsys)
     assert code in (0, None)
     doc = json.loads(out)
     assert {k["kind"]: k["files"] for k in doc["kinds"]} == {"gguf": 0, "calibration": 0, "execution": 1, "bench": 0}
@@ -44,5 +36,5 @@ def test_usage_and_clear_one_kind(cache_root, capsys):
 def test_clear_all_and_unknown_kind(cache_root, capsys):
     assert caches.clear(caches.parse_kinds("all")) == 1002
     assert (cache_root / "mine.txt").exists() and not (cache_root / "execution").exists()
-    code, _, err = _cli(["cache", "--clear", "calibration,weights"], capsys)
+    code, _, err = run_cli(["cache", "--clear", "calibration,weights"], capsys)
     assert code == 2 and err.strip().count("\n") == 0 and "unknown cache kind 'weights'" in err

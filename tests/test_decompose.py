@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-import tiny
+from helpers import run_cli
+from helpers import tiny_llama as _tiny
 from rankwise import decompose, merge
 from rankwise.calibration import CalibrationConfig, cached_stats, calibration_ids
 from rankwise.decomposition import get_method
@@ -23,7 +24,7 @@ from rankwise.models.adapters import adapter_for
 
 
 def tiny_llama(vocab: int = 128, layers: int = 3, seed: int = 0) -> nn.Module:
-    return tiny.tiny_llama(vocab=vocab, layers=layers, seed=seed)
+    return _tiny(vocab=vocab, layers=layers, seed=seed)
 
 
 def n_params(model: nn.Module) -> int:
@@ -201,15 +202,6 @@ def tiny_folder(tmp_path_factory, smollm):
     model.save_pretrained(root / "nan")
     smollm.tokenizer.save_pretrained(root / "nan")
     return root
-
-
-def run_cli(argv, capsys):
-    from rankwise.cli.main import run
-
-    with pytest.raises(SystemExit) as exc:
-        run(argv)
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 import rankwise
-import tiny
+from helpers import run_cli
+from helpers import tiny_llama as _tiny
 from rankwise.design import Plan
 from rankwise.efficiency import accounting, energy, execution, flops, ideal, timing
 from rankwise.efficiency.compare import BenchConfig, compare
@@ -29,7 +30,7 @@ SMOL_TARGETS = 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 576 * 1536)
 
 # --- helpers ---------------------------------------------------------------------------------------------
 def tiny_llama(tie: bool = True, seed: int = 0) -> nn.Module:
-    return tiny.tiny_llama(max_positions=128, tie=tie, seed=seed)
+    return _tiny(max_positions=128, tie=tie, seed=seed)
 
 
 @pytest.fixture
@@ -536,19 +537,11 @@ def test_cli_bench_plan_on_an_encoder(tmp_path, cache_tmp, one_thread):
     (["--execution", "fast"], "--execution"),
 ])
 def test_cli_bench_bad_options_are_one_line_errors(args, message, capsys):
-    from rankwise.cli.main import run
-
-    with pytest.raises(SystemExit) as exc:
-        run(["bench", "smollm2-135m", "--baseline", "smollm2-135m", *args])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and message in err and "\n" not in err
+    code, _, err = run_cli(["bench", "smollm2-135m", "--baseline", "smollm2-135m", *args], capsys)
+    err = err.strip()
+    assert code == 2 and err.startswith("error: ") and message in err and "\n" not in err
 
 
 def test_cli_bench_needs_a_baseline_for_a_plain_model(capsys):
-    from rankwise.cli.main import run
-
-    with pytest.raises(SystemExit) as exc:
-        run(["bench", "smollm2-135m"])
-    assert exc.value.code == 2
-    assert "not a rankwise checkpoint" in capsys.readouterr().err
+    code, _, err = run_cli(["bench", "smollm2-135m"], capsys)
+    assert code == 2 and "not a rankwise checkpoint" in err

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-import tiny
+from helpers import run_cli
+from helpers import tiny_llama as _tiny
 from rankwise.evaluation import engine
 from rankwise.evaluation.multiple_choice import MCDoc, ScoredDoc, acc_metrics, argmax, mc2_metric
 from rankwise.evaluation.sampling import select
@@ -19,7 +20,7 @@ from rankwise.evaluation.sampling import select
 @pytest.fixture(scope="module")
 def tiny_llama(smollm):
     """A 2-layer random Llama with the real tokenizer's vocabulary: fast, and a short max length."""
-    return tiny.tiny_llama(vocab=smollm.model.config.vocab_size, hidden=32, intermediate=64, max_positions=24)
+    return _tiny(vocab=smollm.model.config.vocab_size, hidden=32, intermediate=64, max_positions=24)
 
 
 def _hflm(model, tokenizer, **kwargs):
@@ -269,48 +270,39 @@ def test_wsc_span_fix_and_prompt():
 # ----------------------------------------------------------------------------------------------- CLI
 
 
-def _cli(argv, capsys):
-    from rankwise.cli.main import run
-
-    with pytest.raises(SystemExit) as info:
-        run(argv)
-    out = capsys.readouterr()
-    return info.value.code, out.out, out.err
-
-
 def test_cli_unknown_task(capsys):
-    code, _, err = _cli(["eval", "smollm2-135m", "--tasks", "arc_easy,no_such_task"], capsys)
+    code, _, err = run_cli(["eval", "smollm2-135m", "--tasks", "arc_easy,no_such_task"], capsys)
     assert code == 2
     assert err.strip().count("\n") == 0 and "unknown task 'no_such_task'" in err
 
 
 def test_cli_missing_data_dir(capsys, tmp_path):
     missing = tmp_path / "nowhere"
-    code, _, err = _cli(["eval", "smollm2-135m", "--tasks", "arc_easy", "--data-dir", str(missing)], capsys)
+    code, _, err = run_cli(["eval", "smollm2-135m", "--tasks", "arc_easy", "--data-dir", str(missing)], capsys)
     assert code == 2 and err.strip().count("\n") == 0
     assert str(missing) in err and "README" in err
 
 
 def test_cli_missing_data_file(capsys, tmp_path):
-    code, _, err = _cli(["eval", "smollm2-135m", "--tasks", "piqa", "--data-dir", str(tmp_path)], capsys)
+    code, _, err = run_cli(["eval", "smollm2-135m", "--tasks", "piqa", "--data-dir", str(tmp_path)], capsys)
     assert code == 2 and err.strip().count("\n") == 0
     assert str(tmp_path / "piqa" / "valid.jsonl") in err and "README" in err
 
 
 def test_cli_encoder_model_for_loglikelihood_task(capsys):
-    code, _, err = _cli(["eval", "minilm-l6", "--tasks", "arc_easy", "--limit", "2", "-q"], capsys)
+    code, _, err = run_cli(["eval", "minilm-l6", "--tasks", "arc_easy", "--limit", "2", "-q"], capsys)
     assert code == 2 and err.strip().count("\n") == 0
     assert "arc_easy" in err and "LM head" in err
 
 
 def test_cli_limit_and_sample_are_exclusive(capsys):
-    code, _, err = _cli(["eval", "smollm2-135m", "--tasks", "copa", "--limit", "2", "--sample", "2"], capsys)
+    code, _, err = run_cli(["eval", "smollm2-135m", "--tasks", "copa", "--limit", "2", "--sample", "2"], capsys)
     assert code == 2 and "mutually exclusive" in err
 
 
 def test_cli_writes_results_and_samples(capsys, tmp_path):
     out_json, out_samples = tmp_path / "r.json", tmp_path / "s.jsonl"
-    code, stdout, _ = _cli(["eval", "smollm2-135m", "--tasks", "copa,rte", "--limit", "3", "-q",
+    code, stdout, _ = run_cli(["eval", "smollm2-135m", "--tasks", "copa,rte", "--limit", "3", "-q",
                             "--json", str(out_json), "--log-samples", str(out_samples)], capsys)
     assert code in (0, None)
     assert "copa" in stdout and "acc" in stdout
@@ -350,7 +342,7 @@ def test_mmlu_group_aggregates_subjects_by_size(smollm):
 
 def test_cli_harness_lm_eval_runs_lm_evals_task_on_local_data(capsys, tmp_path):
     out_json = tmp_path / "r.json"
-    code, stdout, _ = _cli(["eval", "smollm2-135m", "--tasks", "copa", "--limit", "2", "-q",
+    code, stdout, _ = run_cli(["eval", "smollm2-135m", "--tasks", "copa", "--limit", "2", "-q",
                             "--harness", "lm-eval", "--json", str(out_json)], capsys)
     assert code in (0, None) and "harness lm-eval" in stdout
     copa = json.loads(out_json.read_text())["results"]["copa"]
@@ -362,5 +354,5 @@ def test_cli_harness_without_lm_eval_is_a_one_line_error(capsys, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` raise ImportError
-    code, _, err = _cli(["eval", "smollm2-135m", "--tasks", "copa", "--harness", "lm-eval"], capsys)
+    code, _, err = run_cli(["eval", "smollm2-135m", "--tasks", "copa", "--harness", "lm-eval"], capsys)
     assert code == 2 and err.strip().count("\n") == 0 and "pip install" in err

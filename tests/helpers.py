@@ -1,4 +1,4 @@
-"""Tiny random-weight Llama models for fast shape and edge-case tests (never for quality claims)."""
+"""Test helpers: tiny random-weight Llama models (shape and edge-case tests only) and an in-process CLI runner."""
 
 from __future__ import annotations
 
@@ -16,3 +16,15 @@ def tiny_llama(*, vocab: int = 256, layers: int = 2, hidden: int = 64, intermedi
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=max_positions, tie_word_embeddings=tie)
     return LlamaForCausalLM(config).eval()
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int | None, str, str]:
+    """Run the ``rankwise`` command in this process: (exit code, stdout, stderr); code is 0 or None on success."""
+    import pytest
+
+    from rankwise.cli.main import run
+
+    with pytest.raises(SystemExit) as info:
+        run(list(argv))
+    out = capsys.readouterr()
+    return info.value.code, out.out, out.err
