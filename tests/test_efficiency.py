@@ -397,6 +397,24 @@ def test_relayout_keeps_values_state_and_picks_col_only_when_faster_everywhere()
     assert execution.choose_layout({1: {"row": T(100, 100, 3), "col": T(99, 99, 3)}}) == "row"  # within margin
 
 
+def test_column_layouts_save_and_reload_as_ordinary_checkpoints(smollm, tmp_path):
+    model = tiny_llama()
+    rankwise.decompose(model, Plan.simple(layers="all", tensors="all", rank=4, method="svd"), progress=False)
+    for module in model.modules():
+        if isinstance(module, FactorizedLinear):
+            module.set_layouts({"first": "col", "last": "col"})
+    ids = torch.randint(0, 256, (1, 10))
+    with torch.inference_mode():
+        before = model(ids).logits
+    rankwise.save(model, tmp_path / "out", tokenizer=smollm.tokenizer)
+    loaded = rankwise.load(tmp_path / "out").model
+    with torch.inference_mode():
+        after = loaded(ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    layouts = [m.layouts for m in loaded.modules() if isinstance(m, FactorizedLinear)]
+    assert len(layouts) == 14 and all(v == "row" for lay in layouts for v in lay.values())  # files are row-major
+
+
 def test_choose_form_rule():
     T = execution.FormTiming
     fast = {1: {"two_factor": T(50, 52, 3), "dense": T(100, 101, 3)},
