@@ -249,6 +249,26 @@ def test_peak_memory_sees_an_allocation():
     assert pm.result.to_dict()["device"] == "cpu"
 
 
+def test_peak_memory_is_not_hidden_by_garbage_freed_during_the_work():
+    """A dropped model still in a reference cycle is freed whenever the cyclic collector runs; if that is in
+    the middle of the measured work, RSS falls below the baseline and the work's own peak disappears."""
+    import gc
+
+    from rankwise.efficiency.memory import PeakMemory
+
+    class Holder:
+        pass
+
+    garbage = Holder()
+    garbage.tensor, garbage.cycle = torch.ones(128, 1 << 20), garbage  # 512 MiB, freed only by the collector
+    del garbage
+    with PeakMemory("cpu") as pm:
+        gc.collect()  # the collector may run at any allocation
+        x = torch.ones(64, 1 << 20)  # 256 MiB, touched
+        del x
+    assert pm.result.increase_bytes >= 200 << 20
+
+
 # --- energy --------------------------------------------------------------------------------------------------
 def _zone(path: Path, name: str, uj: int, max_uj: int) -> Path:
     path.mkdir(parents=True)

@@ -15,6 +15,7 @@ How the CPU peak is found, best first (the method is recorded with the number):
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 from dataclasses import asdict, dataclass
@@ -115,6 +116,10 @@ class PeakMemory:
             self._baseline = torch.cuda.memory_allocated(self.device)
             self._method = "torch.cuda.max_memory_allocated"
             return self
+        # Garbage of earlier work (a model dropped but still in a reference cycle) would otherwise be freed
+        # by the cyclic collector in the middle of the measured work, lowering RSS below the baseline and
+        # hiding the work's own peak; collect it before the baseline is taken.
+        gc.collect()
         self._baseline = current_rss()
         if _reset_hwm():
             self._method = "vmhwm"
