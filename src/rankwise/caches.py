@@ -58,11 +58,8 @@ def usage() -> list[CacheUsage]:
     return out
 
 
-def parse_kinds(text: str) -> list[str]:
-    """``all`` or a comma-separated list of known kinds; anything else is a one-line error."""
-    kinds = [k.strip() for k in text.split(",") if k.strip()]
-    if kinds == ["all"]:
-        return list(KINDS)
+def _check_kinds(kinds: list[str], text: str) -> list[str]:
+    """``kinds`` when non-empty and all known; else a one-line error naming the first bad one."""
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
         raise RankwiseError(f"unknown cache kind '{unknown[0] if unknown else text}' "
@@ -70,13 +67,17 @@ def parse_kinds(text: str) -> list[str]:
     return kinds
 
 
+def parse_kinds(text: str) -> list[str]:
+    """``all`` or a comma-separated list of known kinds; anything else is a one-line error."""
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    return list(KINDS) if kinds == ["all"] else _check_kinds(kinds, text)
+
+
 def clear(kinds: list[str]) -> int:
     """Delete the named kinds' folders; returns the bytes freed."""
     root = cache_dir()
     freed = 0
-    for kind in kinds:
-        if kind not in KINDS:
-            raise RankwiseError(f"unknown cache kind '{kind}'")
+    for kind in _check_kinds(list(kinds), ",".join(kinds)):
         path = root / kind
         if path.is_symlink():  # never follow a link out of the cache folder
             path.unlink()

@@ -11,15 +11,8 @@ from rich.table import Table
 
 from rankwise.caches import clear, parse_kinds, usage
 from rankwise.cli.main import app
+from rankwise.efficiency.compare import format_bytes
 from rankwise.settings import cache_dir
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n} B"
 
 
 @app.command()
@@ -33,7 +26,7 @@ def cache(
         kinds = parse_kinds(clear_kinds)
         freed = clear(kinds)
         if not as_json:
-            Console().print(f"cleared {', '.join(kinds)}: {_size(freed)} freed")
+            Console().print(f"cleared {', '.join(kinds)}: {format_bytes(freed)} freed")
     rows = usage()
     if as_json:
         typer.echo(json.dumps({"cache_dir": str(cache_dir()), "kinds": [r.to_dict() for r in rows]}, indent=2))
@@ -42,6 +35,6 @@ def cache(
     for col in ("kind", "files", "size", "what"):
         table.add_column(col, justify="right" if col in ("files", "size") else "left")
     for r in rows:
-        table.add_row(r.kind, str(r.files), _size(r.bytes), r.description)
-    table.caption = f"total {_size(sum(r.bytes for r in rows))}; all of it is rebuilt on demand"
+        table.add_row(r.kind, str(r.files), format_bytes(r.bytes), r.description)
+    table.caption = f"total {format_bytes(sum(r.bytes for r in rows))}; all of it is rebuilt on demand"
     Console().print(table)

@@ -149,11 +149,11 @@ class BenchResult:
 
         add("parameters", {n: s.params for n, s in self.sizes.items()}, _si)
         dtypes = ",".join(base.by_dtype)
-        add(f"bytes ({dtypes})", {n: s.nbytes for n, s in self.sizes.items()}, _bytes)
+        add(f"bytes ({dtypes})", {n: s.nbytes for n, s in self.sizes.items()}, format_bytes)
         add("decoder-linear parameters", {n: s.target_params for n, s in self.sizes.items()}, _si)
         tied = " (tied to embeddings, counted once)" if base.tied_embeddings else ""
         add(f"LM head parameters{tied}", {n: s.lm_head["params"] for n, s in self.sizes.items()}, _si, False)
-        for key, label, fmt in (("decode_bytes_b1", "bytes read / decode step, b=1", _bytes),
+        for key, label, fmt in (("decode_bytes_b1", "bytes read / decode step, b=1", format_bytes),
                                 ("decode_flops_b1", "FLOPs / decode step, b=1", _si)):
             add(label, {n: self.static[n][key] for n in self.sizes}, fmt)
         for s in self.config.seq_lens:
@@ -181,7 +181,7 @@ class BenchResult:
                 "-" if r.speedup is None else f"{r.speedup:.3f}x",
                 "-" if ideal is None else f"{ideal:.3f}x {r.ideal.bound}",  # type: ignore[union-attr]
                 "-" if real["realized"] is None else f"{100 * real['realized']:.0f}%",
-                "-" if r.result.memory is None else _bytes(r.result.memory.increase_bytes),
+                "-" if r.result.memory is None else format_bytes(r.result.memory.increase_bytes),
                 energy)
         table.caption = ("speedup = baseline time / model time; ideal = bytes-bound (decode) or FLOPs-bound "
                          "(full passes); realized = speedup / ideal. IQR and gain realized are in the JSON.")
@@ -195,7 +195,8 @@ def _si(x: float) -> str:
     return f"{x:.0f}"
 
 
-def _bytes(x: float) -> str:
+def format_bytes(x: float) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1 (one decimal), e.g. 513.1 MiB."""
     for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if abs(x) >= div:
             return f"{x / div:.1f} {unit}"

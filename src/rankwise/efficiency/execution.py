@@ -274,23 +274,26 @@ def choose_layout(timings: dict[int, dict[str, FormTiming]], margin: float = 0.0
     return "col" if never_slower and faster else "row"
 
 
-def factor_matrices(form_shape: FactorizedShape) -> dict[str, tuple[int, int]]:
-    """(out, in) of each factor's weight in a factorized form."""
-    s = form_shape
-    if s.form == "three_factor":
-        return {"first": (s.rank_in, s.in_features), "core": (s.rank_out, s.rank_in),
-                "last": (s.out_features, s.rank_out)}
-    return {"first": (s.rank_in, s.in_features), "last": (s.out_features, s.rank_in)}
-
-
 def shape_layouts(shape: FactorizedShape, token_counts: Sequence[int], device: torch.device, dtype: torch.dtype,
                   cache: TimingCache | None = None, blocks: int = 7, remeasure: bool = False,
                   margin: float = 0.03) -> dict[str, dict[str, Layout]]:
-    """The measured best layout of every factor of every factorized candidate form of ``shape``."""
-    return {form: {name: choose_layout(benchmark_matrix(o, i, token_counts, device, dtype, cache, blocks,
-                                                        remeasure), margin)
-                   for name, (o, i) in factor_matrices(fs).items()}
-            for form, fs in shape_forms(shape).items() if fs is not None}
+    """The measured best layout of every factor of every factorized candidate form of ``shape``.
+
+    The forms share factor matrices (both forms of a Tucker shape have the same ``first``): each distinct
+    matrix is measured once, also when no timing cache is used.
+    """
+    chosen: dict[tuple[int, int], Layout] = {}
+    out: dict[str, dict[str, Layout]] = {}
+    for form, fs in shape_forms(shape).items():
+        if fs is None:
+            continue
+        out[form] = {}
+        for name, (o, i) in fs.factor_shapes.items():
+            if (o, i) not in chosen:
+                timings = benchmark_matrix(o, i, token_counts, device, dtype, cache, blocks, remeasure)
+                chosen[o, i] = choose_layout(timings, margin)
+            out[form][name] = chosen[o, i]
+    return out
 
 
 def choose_form(timings: dict[int, dict[str, FormTiming]], margin: float = 0.03,

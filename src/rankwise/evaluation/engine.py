@@ -415,6 +415,20 @@ def _score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, t
     return picked, greedy
 
 
+def _tally(logits: torch.Tensor, targets: list[int], owners: list[_Item], totals: dict[int, list[Any]]) -> None:
+    """Score each logit row against its target token and add it to its item's running
+    ``[item, summed log-prob, every token greedy]`` in ``totals`` (keyed by item index)."""
+    picked, greedy = _score(logits, torch.tensor(targets, dtype=torch.long, device=logits.device))
+    for it, lp, gr in zip(owners, picked.tolist(), greedy.tolist(), strict=True):
+        acc = totals.setdefault(it.index, [it, 0.0, True])
+        acc[1] += lp
+        acc[2] = acc[2] and gr
+
+
+def _results(totals: dict[int, list[Any]]) -> list[tuple[_Item, LoglikelihoodResult]]:
+    return [(it, LoglikelihoodResult(float(lp), bool(gr), len(it.continuation))) for it, lp, gr in totals.values()]
+
+
 def _score_batch(model: Any, batch: list[_Group], caps: _Caps, pad_id: int) -> list[tuple[_Item, LoglikelihoodResult]]:
     device = _device(model)
     n = len(batch)
@@ -462,18 +476,13 @@ def _score_batch(model: Any, batch: list[_Group], caps: _Caps, pad_id: int) -> l
             targets.extend(it.continuation)
             owners.extend([it] * g.keep)
         offset += g.keep
-    picked, greedy = _score(logits[torch.tensor(rows, device=logits.device)],
-                            torch.tensor(targets, dtype=torch.long, device=logits.device))
     totals: dict[int, list[Any]] = {}
-    for it, lp, gr in zip(owners, picked.tolist(), greedy.tolist(), strict=True):
-        acc = totals.setdefault(it.index, [it, 0.0, True])
-        acc[1] += lp
-        acc[2] = acc[2] and gr
+    _tally(logits[torch.tensor(rows, device=logits.device)], targets, owners, totals)
 
     if need_cache:
         _score_continuations(model, batch, caps, cache, mask, position_ids, totals, pad_id)
 
-    return [(it, LoglikelihoodResult(float(lp), bool(gr), len(it.continuation))) for it, lp, gr in totals.values()]
+    return _results(totals)
 
 
 def _score_continuations(model: Any, batch: list[_Group], caps: _Caps, cache: Any, mask: torch.Tensor,
@@ -508,12 +517,8 @@ def _score_continuations(model: Any, batch: list[_Group], caps: _Caps, cache: An
             attention_mask=torch.cat([past_mask, own], dim=1).to(device),
             position_ids=positions.to(device), past_key_values=sub_cache, use_cache=True,
         )
-        picked, greedy = _score(logits, torch.tensor(targets, dtype=torch.long, device=logits.device))
         owners = [it for _, it in chunk for _ in range(len(it.continuation) - 1)]
-        for it, lp, gr in zip(owners, picked.tolist(), greedy.tolist(), strict=True):
-            acc = totals[it.index]
-            acc[1] += lp
-            acc[2] = acc[2] and gr
+        _tally(logits, targets, owners, totals)
 
 
 # --------------------------------------------------------------------------------------------- packed
@@ -571,14 +576,9 @@ def _score_packed(model: Any, batch: list[_Group], caps: _Caps, pad_id: int) -> 
             rows.append(int(flat[r, c]))
             targets.append(tok)
             owners.append(it)
-    picked, greedy = _score(logits[torch.tensor(rows, device=logits.device)],
-                            torch.tensor(targets, dtype=torch.long, device=logits.device))
     totals: dict[int, list[Any]] = {}
-    for it, lp, gr in zip(owners, picked.tolist(), greedy.tolist(), strict=True):
-        acc = totals.setdefault(it.index, [it, 0.0, True])
-        acc[1] += lp
-        acc[2] = acc[2] and gr
-    return [(it, LoglikelihoodResult(float(lp), bool(gr), len(it.continuation))) for it, lp, gr in totals.values()]
+    _tally(logits[torch.tensor(rows, device=logits.device)], targets, owners, totals)
+    return _results(totals)
 
 
 def _packed_mask(segment: torch.Tensor, head: int, dtype: torch.dtype) -> torch.Tensor:

@@ -86,10 +86,9 @@ def get_task(name: str) -> Task:
 
 def _summary_names() -> list[str]:
     """Task names for messages, with the 57 single MMLU subjects collapsed into one entry."""
-    subjects = [n for n in _TASKS if n.startswith("mmlu_")]
-    names = [n for n in sorted(_TASKS) if n not in subjects or n in ("mmlu_stem", "mmlu_humanities",
-                                                                        "mmlu_social_sciences", "mmlu_other")]
-    return [*names, f"mmlu_<subject> ({len(subjects) - 4} subjects)"]
+    groups = {"mmlu_stem", "mmlu_humanities", "mmlu_social_sciences", "mmlu_other"}
+    subjects = {n for n in _TASKS if n.startswith("mmlu_") and n not in groups}
+    return [*(n for n in sorted(_TASKS) if n not in subjects), f"mmlu_<subject> ({len(subjects)} subjects)"]
 
 
 def task_names() -> list[str]:

@@ -61,12 +61,18 @@ class FactorizedShape:
         return asdict(self)
 
     @property
+    def factor_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of each factor's weight: first (r2×in), core (r1×r2, three-factor only), last (out×r1;
+        out×r2 when two-factor)."""
+        if self.form == "three_factor":
+            return {"first": (self.rank_in, self.in_features), "core": (self.rank_out, self.rank_in),
+                    "last": (self.out_features, self.rank_out)}
+        return {"first": (self.rank_in, self.in_features), "last": (self.out_features, self.rank_in)}
+
+    @property
     def params(self) -> int:
         """Parameters of the layer in this form (bias included)."""
-        if self.form == "three_factor":
-            n = self.rank_in * self.in_features + self.rank_out * self.rank_in + self.out_features * self.rank_out
-        else:
-            n = self.rank_in * self.in_features + self.out_features * self.rank_in
+        n = sum(o * i for o, i in self.factor_shapes.values())
         return n + (self.out_features if self.bias else 0)
 
 
@@ -88,13 +94,10 @@ class FactorizedLinear(nn.Module):
         self.in_features = shape.in_features
         self.out_features = shape.out_features
         kw = {"dtype": dtype, "device": device}
-        self.first = nn.Linear(shape.in_features, shape.rank_in, bias=False, **kw)
-        if shape.form == "three_factor":
-            self.core = nn.Linear(shape.rank_in, shape.rank_out, bias=False, **kw)
-            self.last = nn.Linear(shape.rank_out, shape.out_features, bias=shape.bias, **kw)
-        else:
-            self.core = None
-            self.last = nn.Linear(shape.rank_in, shape.out_features, bias=shape.bias, **kw)
+        dims = shape.factor_shapes
+        self.first = nn.Linear(dims["first"][1], dims["first"][0], bias=False, **kw)
+        self.core = nn.Linear(dims["core"][1], dims["core"][0], bias=False, **kw) if "core" in dims else None
+        self.last = nn.Linear(dims["last"][1], dims["last"][0], bias=shape.bias, **kw)
         self.register_state_dict_post_hook(_contiguous_state)
 
     # --- construction ---------------------------------------------------------------------------------------
