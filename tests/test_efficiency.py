@@ -22,6 +22,7 @@ from rankwise.design import Plan
 from rankwise.efficiency import accounting, energy, execution, flops, ideal, timing
 from rankwise.efficiency.compare import BenchConfig, compare
 from rankwise.layers import FactorizedLinear, FactorizedShape
+from rankwise.models.forward import cache_kwargs
 
 SMOL_PARAMS = 134_515_008
 SMOL_EMBED = 49152 * 576
@@ -160,8 +161,8 @@ def test_flops_match_flop_counter_on_default_model(smollm, smol_decomposed, whic
 
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(ids, past_key_values=cache, use_cache=True)
-    step = flops.counted_flops(model, ids[:, :1], past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(model, cache))
+    step = flops.counted_flops(model, ids[:, :1], **cache_kwargs(model, cache))
     analytic_step = flops.decode_flops(model, context_len=32, batch=1)
     assert abs(analytic_step.total - step["total"]) <= 0.02 * step["total"]
     if which == "decomposed":
@@ -233,8 +234,8 @@ def test_decode_workload_equals_full_forward():
     ids = torch.randint(0, 256, (2, 9))
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(ids[:, :8], past_key_values=cache, use_cache=True)
-        step = model(ids[:, 8:9], past_key_values=copy.deepcopy(cache), use_cache=True).logits[:, -1]
+        model(ids[:, :8], **cache_kwargs(model, cache))
+        step = model(ids[:, 8:9], **cache_kwargs(model, copy.deepcopy(cache))).logits[:, -1]
         full = model(ids).logits[:, -1]
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
 

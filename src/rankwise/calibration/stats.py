@@ -18,7 +18,6 @@ output) and hold no tensor past the forward that produced it.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from torch import nn
 
 from rankwise.decomposition.base import CalibrationStats
 from rankwise.errors import DataError
+from rankwise.models.forward import forward_caps, is_causal_lm
 
 ACTIVATION_FIELDS = frozenset({"gram", "act_abs_mean", "act_sq_mean"})
 GRADIENT_FIELDS = frozenset({"fisher"})
@@ -193,11 +193,6 @@ def check_request(model: nn.Module, request: StatsRequest) -> None:
             raise DataError(f"calibration: {name} is not a dense Linear layer (already factorized?)")
 
 
-def is_causal_lm(model: nn.Module) -> bool:
-    """Whether the model computes an LM loss from ``labels`` (needed for Fisher information)."""
-    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
-
-
 def collect_stats(model: nn.Module, input_ids: torch.Tensor, request: StatsRequest, batch_size: int = 4,
                   progress: Progress | None = None) -> dict[str, CalibrationStats]:
     """One pass over ``input_ids`` (N × L) collecting, for each requested module, the fields it needs.
@@ -214,7 +209,7 @@ def collect_stats(model: nn.Module, input_ids: torch.Tensor, request: StatsReque
         raise DataError(f"calibration: expected an N × L tensor of token ids, got shape {tuple(input_ids.shape)}")
     collector = _Collector(model, request)
     need_fisher = bool(collector.fisher_names)
-    if need_fisher and not is_causal_lm(model):
+    if need_fisher and not (is_causal_lm(model) and forward_caps(model).labels):
         raise DataError(f"calibration: Fisher information needs a causal LM loss; {type(model).__name__} has none")
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
@@ -260,10 +255,10 @@ def batch_bounds(total: int, batch_size: int) -> list[int]:
 
 def _forward_kwargs(model: nn.Module, need_loss: bool) -> dict[str, object]:
     """No KV cache; and, when no loss is needed, logits for the last position only (saves N·L·vocab floats)."""
-    params = inspect.signature(model.forward).parameters
+    caps = forward_caps(model)
     kw: dict[str, object] = {}
-    if "use_cache" in params:
+    if caps.use_cache:
         kw["use_cache"] = False
-    if not need_loss and "logits_to_keep" in params:
+    if not need_loss and caps.logits_to_keep:
         kw["logits_to_keep"] = 1
     return kw

@@ -159,7 +159,7 @@ def bench(
         raise RankwiseError(f"baseline and model dtypes differ ({next(dense.parameters()).dtype} vs "
                             f"{next(decomposed.parameters()).dtype}): compare at the same --dtype")
     if execution == "auto":
-        from rankwise.efficiency.timing import is_causal_lm
+        from rankwise.models.forward import is_causal_lm
 
         er = choose_execution(decomposed, device=device, guard=guard and is_causal_lm(decomposed), reference=dense)
         extra["execution"] = er.to_dict()
@@ -183,6 +183,8 @@ def bench(
     if "disk_bytes" in extra:
         out.print(f"checkpoint on disk: {extra['disk_bytes']['total'] / 2**20:,.1f} MiB "
                   f"({extra['disk_bytes']['weights'] / 2**20:,.1f} MiB safetensors)")
+    if result.decode_reason:
+        out.print(f"decode: not measured ({result.decode_reason})")
     if result.energy_reason:
         out.print(f"energy: not measurable on this machine ({result.energy_reason})")
     if json_out is not None:

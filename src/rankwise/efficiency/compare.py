@@ -28,7 +28,8 @@ from rankwise.efficiency.accounting import ModelSize, model_size
 from rankwise.efficiency.energy import find_counter
 from rankwise.efficiency.flops import decode_flops, prefill_flops
 from rankwise.efficiency.ideal import Ideal, decode_bytes, ideal_decode, ideal_prefill, realized
-from rankwise.efficiency.timing import Workload, WorkloadResult, is_causal_lm, measure
+from rankwise.efficiency.timing import Workload, WorkloadResult, measure
+from rankwise.models.forward import is_causal_lm
 
 CONTROL = "A/A control"
 
@@ -96,6 +97,7 @@ class BenchResult:
     energy_reason: str | None
     environment: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
+    decode_reason: str | None = None  # why decode workloads were not measured (None: they were)
 
     def row(self, model: str, workload: str) -> Row | None:
         return next((r for r in self.rows if r.model == model and r.result.workload.name == workload), None)
@@ -124,6 +126,7 @@ class BenchResult:
             "energy": ({r.model + " | " + r.result.workload.name: r.result.energy.to_dict()
                         for r in self.rows if r.result.energy} if energy_measured else None),
             "energy_reason": self.energy_reason,
+            "decode_reason": self.decode_reason,
             "models": {name: {"size": self.sizes[name].to_dict(), **self.static[name]} for name in self.sizes},
             "rows": [r.to_dict() for r in self.rows],
             **self.extra,
@@ -244,7 +247,11 @@ def compare(models: Mapping[str, nn.Module], baseline: str, config: BenchConfig 
     dense = models[baseline]
     sizes = {n: model_size(models[n]) for n in names}
     static = {n: static_numbers(models[n], config) for n in names}
-    causal = all(is_causal_lm(m) for m in models.values())
+    not_causal = [n for n, m in models.items() if not is_causal_lm(m)]
+    causal = not not_causal
+    decode_reason = (None if causal else
+                     f"no decode workload: {', '.join(not_causal)} has no LM head taking a KV cache "
+                     f"({type(models[not_causal[0]]).__name__})")
     counter, reason = find_counter(config.device) if config.energy else (None, "energy measurement switched off")
     timed: dict[str, nn.Module] = dict(models)
     if config.control:
@@ -263,7 +270,8 @@ def compare(models: Mapping[str, nn.Module], baseline: str, config: BenchConfig 
     env = environment(config.device)
     env["dtype"] = str(next(dense.parameters()).dtype).removeprefix("torch.")
     return BenchResult(baseline=baseline, config=config, sizes=sizes, static=static, rows=rows,
-                       energy_reason=None if counter is not None else reason, environment=env)
+                       energy_reason=None if counter is not None else reason, environment=env,
+                       decode_reason=decode_reason)
 
 
 def paired_speedup(baseline_seconds: Sequence[float], model_seconds: Sequence[float]) -> float | None:

@@ -24,7 +24,6 @@ Workloads:
 from __future__ import annotations
 
 import copy
-import inspect
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +36,7 @@ from torch import nn
 from rankwise.efficiency.energy import EnergyCounter, EnergyTally
 from rankwise.efficiency.memory import MemoryResult, PeakMemory
 from rankwise.errors import RankwiseError
+from rankwise.models.forward import cache_kwargs, forward_caps, is_causal_lm
 
 Kind = Literal["prefill", "decode", "scoring"]
 
@@ -116,18 +116,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _accepts(model: nn.Module, arg: str) -> bool:
-    try:
-        return arg in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    """Whether decode workloads make sense: a model with an LM head that takes a KV cache."""
-    return _accepts(model, "past_key_values") and getattr(model, "get_output_embeddings", lambda: None)() is not None
-
-
 @dataclass
 class Runner:
     """A prepared workload on one model: ``setup()`` (untimed) returns the state ``timed(state)`` consumes."""
@@ -142,7 +130,7 @@ def prepare(model: nn.Module, workload: Workload, device: torch.device, seed: in
     gen = torch.Generator().manual_seed(seed)
     b, s = workload.batch, workload.seq_len
     ids = torch.randint(0, vocab, (b, s), generator=gen).to(device)
-    last_only = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    last_only = {"logits_to_keep": 1} if forward_caps(model).logits_to_keep else {}
 
     causal = is_causal_lm(model)
     if workload.kind == "prefill":
@@ -151,7 +139,7 @@ def prepare(model: nn.Module, workload: Workload, device: torch.device, seed: in
                 if causal:
                     from transformers import DynamicCache
 
-                    model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True, **last_only)
+                    model(ids, **cache_kwargs(model, DynamicCache(config=model.config)), **last_only)
                 else:
                     model(ids)
         return Runner(setup=lambda: None, timed=prefill)
@@ -174,12 +162,12 @@ def prepare(model: nn.Module, workload: Workload, device: torch.device, seed: in
     steps = torch.randint(0, vocab, (b, workload.new_tokens), generator=gen).to(device)
     cache0 = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(ids, past_key_values=cache0, use_cache=True, **last_only)
+        model(ids, **cache_kwargs(model, cache0), **last_only)
 
     def decode(cache: Any) -> None:
         with torch.inference_mode():
             for i in range(workload.new_tokens):
-                model(steps[:, i:i + 1], past_key_values=cache, use_cache=True)
+                model(steps[:, i:i + 1], **cache_kwargs(model, cache))
     return Runner(setup=lambda: copy.deepcopy(cache0), timed=decode)
 
 

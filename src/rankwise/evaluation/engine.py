@@ -30,7 +30,6 @@ the full logits. All strategies agree with lm-eval to float rounding (tests chec
 
 from __future__ import annotations
 
-import inspect
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,8 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from rankwise.models.forward import forward_caps, output_cache
 
 #: lm-eval's fallback when neither the config nor the tokenizer states a maximum length.
 DEFAULT_MAX_LENGTH = 2048
@@ -262,8 +263,12 @@ class _Group:
 
 @dataclass(frozen=True)
 class _Caps:
-    cache: bool  # forward takes past_key_values/use_cache
+    cache_arg: str | None  # the forward's KV-cache argument ("cache" or "past_key_values"), None: no cache
     keep_mask: bool  # forward takes logits_to_keep (a boolean mask is tried, then checked)
+
+    @property
+    def cache(self) -> bool:
+        return self.cache_arg is not None
 
 
 def _truncate(ctx: list[int], cont: list[int], max_length: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -273,12 +278,8 @@ def _truncate(ctx: list[int], cont: list[int], max_length: int) -> tuple[tuple[i
 
 
 def _capabilities(model: Any) -> _Caps:
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return _Caps(cache=False, keep_mask=False)
-    cache = "past_key_values" in params and "use_cache" in params
-    return _Caps(cache=cache, keep_mask="logits_to_keep" in params)
+    caps = forward_caps(model)
+    return _Caps(cache_arg=caps.cache_arg if caps.kv_cache else None, keep_mask=caps.logits_to_keep)
 
 
 def _group(items: list[_Item], share: bool) -> list[_Group]:
@@ -357,7 +358,7 @@ def _prefill(model: Any, caps: _Caps, head: tuple[int, ...], rows: int) -> Any:
     kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": True}
     if caps.keep_mask:
         kwargs["logits_to_keep"] = 1
-    cache = model(**kwargs).past_key_values
+    cache = output_cache(model(**kwargs))
     if isinstance(cache, tuple):
         return tuple(tuple(t.expand(rows, *t.shape[1:]).contiguous() for t in layer) for layer in cache)
     cache.batch_repeat_interleave(rows)
@@ -399,12 +400,12 @@ def _forward_selected(model: Any, caps: _Caps, keep: torch.Tensor, **kwargs: Any
         out = model(logits_to_keep=keep, **kwargs)
         logits = out.logits
         if logits.ndim == 2 and logits.shape[0] == int(keep.sum()):
-            return logits, getattr(out, "past_key_values", None)
+            return logits, output_cache(out)
         if logits.ndim == 3 and logits.shape[:2] == keep.shape:
-            return logits[keep], getattr(out, "past_key_values", None)
+            return logits[keep], output_cache(out)
         raise RuntimeError(f"unexpected logits shape {tuple(logits.shape)} with logits_to_keep mask")
     out = model(**kwargs)
-    return out.logits[keep], getattr(out, "past_key_values", None)
+    return out.logits[keep], output_cache(out)
 
 
 def _score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -455,7 +456,7 @@ def _score_batch(model: Any, batch: list[_Group], caps: _Caps, pad_id: int) -> l
     if caps.cache:
         kwargs["use_cache"] = need_cache or bool(head)
     if cache is not None:
-        kwargs["past_key_values"] = cache
+        kwargs[caps.cache_arg] = cache
     logits, cache = _forward_selected(model, caps, keep.to(device), **kwargs)
 
     # First-pass targets: for a lone request every continuation token; for a shared group, each choice's
@@ -515,7 +516,7 @@ def _score_continuations(model: Any, batch: list[_Group], caps: _Caps, cache: An
         logits, _ = _forward_selected(
             model, caps, keep.to(device), input_ids=ids.to(device),
             attention_mask=torch.cat([past_mask, own], dim=1).to(device),
-            position_ids=positions.to(device), past_key_values=sub_cache, use_cache=True,
+            position_ids=positions.to(device), use_cache=True, **{caps.cache_arg: sub_cache},
         )
         owners = [it for _, it in chunk for _ in range(len(it.continuation) - 1)]
         _tally(logits, targets, owners, totals)
@@ -563,7 +564,7 @@ def _score_packed(model: Any, batch: list[_Group], caps: _Caps, pad_id: int) -> 
     kwargs: dict[str, Any] = {"input_ids": ids.to(device), "position_ids": positions.to(device),
                               "attention_mask": mask.to(device)}
     if cache is not None:
-        kwargs.update(past_key_values=cache, use_cache=True)
+        kwargs.update({caps.cache_arg: cache, "use_cache": True})
     elif caps.cache:
         kwargs["use_cache"] = False
     logits, _ = _forward_selected(model, caps, keep.to(device), **kwargs)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from rankwise.evaluation.engine import max_model_length
+from rankwise.models.forward import cache_kwargs, output_cache
 
 Progress = Callable[[int], None]
 
@@ -79,8 +80,8 @@ def _generate_batch(
         mask[row, width - len(prompt) :] = 1
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     mask, positions = mask.to(device), positions.to(device)
-    out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions, use_cache=True)
-    cache = out.past_key_values
+    out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions, **cache_kwargs(model, None))
+    cache = output_cache(out)
     token = out.logits[:, -1].argmax(-1)
     last = positions[:, -1]
     active = list(range(n))
@@ -105,8 +106,8 @@ def _generate_batch(
         mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
         last = last + 1
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=last[:, None],
-                    past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+                    **cache_kwargs(model, cache))
+        cache = output_cache(out)
         token = out.logits[:, -1].argmax(-1)
     return generated
 

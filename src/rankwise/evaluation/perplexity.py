@@ -20,7 +20,6 @@ a chunk of positions at a time, so no full-vocabulary ``log_softmax`` is materia
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from rankwise.evaluation.engine import max_model_length, prefix_token_id
+from rankwise.models.forward import forward_caps
 
 Progress = Callable[[int], None]
 
@@ -124,10 +124,7 @@ def _device(model: Any) -> torch.device:
 
 
 def _takes_logits_to_keep(model: Any) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
+    return forward_caps(model).logits_to_keep
 
 
 def _batches(order: list[int], windows: Sequence[Window], batch_size: int, token_budget: int) -> Iterator[list[int]]:
