@@ -78,7 +78,8 @@ def test_checkpoint_stores_only_factors(paper):
     config = json.loads((paper.out / "config.json").read_text())
     qc = config["quantization_config"]
     assert qc["quant_method"] == "rankwise" and qc["version"] == 1
-    assert qc["plan"] == {"method": "tucker", "rank": 1, "layers": "2,17,29", "tensors": "all"}
+    assert qc["plan"] == {"method": {"name": "tucker", "solver": "auto", "oversample": 2}, "rank": 1,
+                          "layers": "2,17,29", "tensors": "all"}
     assert len(qc["modules"]) == 21
     assert qc["modules"]["model.layers.2.self_attn.k_proj"] == {
         "in_features": 576, "out_features": 192, "rank_out": 1, "rank_in": 1, "form": "three_factor", "bias": False}

@@ -50,7 +50,9 @@ def test_tucker_keeps_the_papers_three_factor_form():
     assert report.bytes_before == 4 * before and report.bytes_after == 4 * n_params(model)
     assert report.reduction_pct == pytest.approx(100 * expected_removed / before)
     assert report.mean_rel_error == pytest.approx(sum(t.rel_error for t in report.targets) / 14)
-    assert report.fold == "auto" and report.plan["method"] == "tucker"
+    # the report spells out every method setting, defaults included
+    assert report.fold == "auto" and report.plan["method"] == {"name": "tucker", "solver": "auto", "oversample": 2}
+    assert all(t.method == "tucker" and t.method_settings == report.plan["method"] for t in report.targets)
 
 
 def test_fold_true_gives_two_factors_with_the_same_error():

@@ -38,15 +38,15 @@ def test_paper_plan_selects_21_targets():
     plan = Plan.simple(layers="2,17,29", tensors="all", rank=1, method="tucker")
     chosen = resolve(plan)
     assert len(chosen) == 21 and {layer for layer, _ in chosen} == {2, 17, 29}
-    assert all(spec.rank == RankSpec("exact", 1) and spec.method == "tucker" for spec in chosen.values())
+    assert all(spec.rank == RankSpec("exact", 1) and spec.method.name == "tucker" for spec in chosen.values())
 
 
 def test_overrides_apply_in_order():
     chosen = resolve(Plan.from_text(PLAN_YAML))
     assert (17, "q") not in chosen  # skipped
-    assert chosen[(20, "down")].method == "svd" and chosen[(20, "down")].rank == RankSpec("fraction", 0.5)
+    assert chosen[(20, "down")].method.name == "svd" and chosen[(20, "down")].rank == RankSpec("fraction", 0.5)
     assert (20, "q") not in chosen  # override only adds the tensors it names
-    assert chosen[(3, "k")].rank == RankSpec("energy", 0.9) and chosen[(3, "k")].method == "tucker"
+    assert chosen[(3, "k")].rank == RankSpec("energy", 0.9) and chosen[(3, "k")].method.name == "tucker"
     assert chosen[(2, "gate")].rank == RankSpec("exact", 1)
     assert len(chosen) == 21 - 1 + 3 + 3 * 4
 

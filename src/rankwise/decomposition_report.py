@@ -4,6 +4,10 @@ Every number is measured on the model itself: parameter and byte counts come fro
 (tied embeddings counted once) before and after, errors from the factors actually stored in the model
 (after the cast to its dtype). Conventions are stated in the fields' names: ``reduction_pct`` is the share
 of the *whole model's* parameters removed, not of the decomposed matrices alone.
+
+Method settings are recorded in full, defaults included (``plan`` spells out every method as
+``{name: ..., setting: value, ...}`` and each target has ``method_settings``), so a report still says what
+ran if a default changes later.
 """
 
 from __future__ import annotations
@@ -13,15 +17,23 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from rankwise.decomposition import method_settings
+from rankwise.design.plan import MethodSpec
+from rankwise.errors import PlanError
+
 
 @dataclass
 class TargetReport:
-    """One planned target: decomposed (with its ranks, form, size and errors) or kept dense (and why)."""
+    """One planned target: decomposed (with its ranks, form, size and errors) or kept dense (and why).
+
+    ``method`` may be given as the plan's :class:`MethodSpec`; it is stored as the method's name, with its
+    full settings in ``method_settings``.
+    """
 
     layer: int
     role: str
     name: str
-    method: str
+    method: str  # the method's name
     shape: tuple[int, int]  # (out_features m, in_features n)
     rank_spec: str  # as the plan wrote it: "1", "0.25", "energy:0.9"
     ranks: tuple[int, int] | None  # (r1, r2) actually used; None when kept dense before resolving
@@ -35,6 +47,13 @@ class TargetReport:
     seconds: float = 0.0
     kept_dense: bool = False
     reason: str = ""
+    method_settings: dict[str, Any] = field(default_factory=dict)  # name and every setting, defaults included
+
+    def __post_init__(self) -> None:
+        if isinstance(self.method, MethodSpec):
+            if not self.method_settings:
+                self.method_settings = method_settings(self.method)
+            self.method = self.method.name
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -66,6 +85,9 @@ class DecompositionReport:
     seconds: float
     calibration: dict[str, Any] | None = None
     dtype: str = ""
+
+    def __post_init__(self) -> None:
+        self.plan = spelled_out(self.plan)
 
     # --- derived totals --------------------------------------------------------------------------------
     @property
@@ -139,6 +161,26 @@ class DecompositionReport:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False)
+
+
+def spelled_out(plan: dict[str, Any]) -> dict[str, Any]:
+    """A plan dict with every method written as ``{name, **all settings}`` (defaults filled in).
+
+    A method this installation does not know (a report from elsewhere) is kept as written.
+    """
+    def full(method: Any) -> Any:
+        try:
+            return method_settings(method)
+        except PlanError:
+            return method
+
+    out = dict(plan)
+    if "method" in out:
+        out["method"] = full(out["method"])
+    if isinstance(out.get("overrides"), list):
+        out["overrides"] = [{**r, "method": full(r["method"])} if isinstance(r, dict) and "method" in r else r
+                            for r in out["overrides"]]
+    return out
 
 
 def _finite(d: dict[str, Any]) -> dict[str, Any]:

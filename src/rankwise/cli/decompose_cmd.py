@@ -1,8 +1,9 @@
 """``rankwise decompose``: apply a plan to a model and save the result as a loadable checkpoint.
 
 Everything a user can get wrong (an existing OUT, a malformed plan, a layer the model lacks, a rank of 0
-or above min(m, n), an unknown method, NaN/Inf weights, missing calibration data) is checked before OUT is
-written, and OUT is written to a temp folder and renamed: a failed run leaves no OUT, or the old one.
+or above min(m, n), an unknown method or method setting, NaN/Inf weights, missing calibration data) is
+checked before OUT is written, and OUT is written to a temp folder and renamed: a failed run leaves no OUT,
+or the old one. Method names and settings are checked before the model is loaded.
 """
 
 from __future__ import annotations
@@ -21,22 +22,48 @@ from rankwise.fileio import write_json_atomic
 from rankwise.models import DEFAULT_MODEL
 
 
-def build_plan(plan_file: Path | None, layers: str | None, tensors: str, rank: str, method: str,
-               force: bool) -> Any:
-    """The plan from ``--plan`` or from the one-rule flags (not both); ``--force`` applies to either."""
+def build_plan(plan_file: Path | None, layers: str | None, tensors: str, rank: str, method: str | None,
+               force: bool, method_args: list[str] | None = None) -> Any:
+    """The plan from ``--plan`` or from the one-rule flags (not both); ``--force`` applies to either.
+
+    Every method the plan names is checked here (name and settings), so a typo fails before the model
+    loads; ``--method-arg KEY=VALUE`` values are parsed by the method config's field types.
+    """
+    from rankwise.decomposition import get_method, method_class
     from rankwise.design.plan import Plan
     from rankwise.design.ranks import parse_rank
 
     if plan_file is not None:
-        if layers is not None:
-            raise PlanError("give either --plan FILE or --layers/--tensors/--rank/--method, not both")
+        if layers is not None or method is not None or method_args:
+            raise PlanError("give either --plan FILE or --layers/--tensors/--rank/--method/--method-arg, not both "
+                            "(method settings go in the plan: method: {name: asvd, alpha: 0.5})")
         plan = Plan.from_file(plan_file)
-        return dataclasses.replace(plan, force=True) if force else plan
-    if layers is None:
+        plan = dataclasses.replace(plan, force=True) if force else plan
+    elif layers is None:
         raise PlanError("say what to decompose: --plan FILE, or --layers (e.g. 2,17,29 or all) with "
                         "--tensors, --rank and --method")
-    return Plan.simple(layers=layers, tensors=_tensor_list(tensors), rank=parse_rank(rank, "--rank"),
-                       method=method, force=force)
+    else:
+        cls = method_class(method or "tucker", "--method: ")
+        given = parse_method_args(method_args or [])
+        settings = cls.config_class.from_settings(given, "--method-arg ").to_dict()
+        spec = {"name": cls.name, **{key: settings[key] for key in given}}
+        plan = Plan.simple(layers=layers, tensors=_tensor_list(tensors), rank=parse_rank(rank, "--rank"),
+                           method=spec, force=force)
+    for spec in plan.methods():
+        get_method(spec)
+    return plan
+
+
+def parse_method_args(items: list[str]) -> dict[str, str]:
+    """``["alpha=0.25", "solver=gram"]`` -> ``{"alpha": "0.25", "solver": "gram"}`` (a key given twice: the
+    last wins, as with repeated flags elsewhere)."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise PlanError(f"--method-arg: expected KEY=VALUE (e.g. alpha=0.25), got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def _tensor_list(text: str) -> str | list[str]:
@@ -54,7 +81,11 @@ def decompose(
     layers: Annotated[str | None, typer.Option(help="Layers: 2,17,29 or 20-29 or all.")] = None,
     tensors: Annotated[str, typer.Option(help="Roles: all, attn, mlp or q,k,v,o,gate,up,down.")] = "all",
     rank: Annotated[str, typer.Option(help="Int rank, parameter fraction in (0,1), or energy:F.")] = "1",
-    method: Annotated[str, typer.Option(help="tucker, svd, asvd, svd-llm or fwsvd.")] = "tucker",
+    method: Annotated[str | None, typer.Option(help="tucker (default), svd, asvd, svd-llm or fwsvd "
+                                                     "(case-insensitive).")] = None,
+    method_arg: Annotated[list[str] | None, typer.Option(
+        "--method-arg", help="A method setting KEY=VALUE, repeatable: alpha=0.25 (asvd), damping=1e-4 (svd-llm), "
+                             "solver=auto|gram|krylov|lapack, oversample=2 (any method).")] = None,
     fold: Annotated[str | None, typer.Option(help="auto (Tucker three-factor, others two-factor), true or false; "
                                                   "default: the plan's (auto).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Decompose even above the break-even rank.")] = False,
@@ -86,7 +117,7 @@ def decompose(
         raise CheckpointError(f"{out} already exists (pass --overwrite to replace it)")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a folder")
-    the_plan = build_plan(plan, layers, tensors, rank, method, force)
+    the_plan = build_plan(plan, layers, tensors, rank, method, force, method_arg)
     fold_mode = parse_fold(fold) if fold is not None else None
     calibration = CalibrationConfig(dataset=calib_data, n_samples=calib_samples, seq_len=calib_seq_len,
                                     seed=calib_seed, data_dir=str(data_dir) if data_dir else None)

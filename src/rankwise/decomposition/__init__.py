@@ -1,7 +1,8 @@
 """Decomposition methods (Tucker, SVD, ASVD, SVD-LLM, FWSVD), their shared interface, and SVD solvers.
 
 Importing this package imports every method module, which registers each method by name; look methods up
-with :func:`get_method`. To add a method, write one class in one new module (subclass
+with :func:`get_method` (``get_method("asvd", alpha=0.25)``: each method's settings are a frozen config
+dataclass, its ``config_class``). To add a method, write one class in one new module (subclass
 :class:`DecompositionMethod`, decorate with :func:`register_method`) and import it below.
 """
 
@@ -10,12 +11,17 @@ from rankwise.decomposition.base import (
     CalibrationStats,
     DecompositionMethod,
     Factors,
+    MethodConfig,
     MethodResult,
+    SolverConfig,
     available_methods,
     check_weight,
     get_method,
+    method_class,
+    method_settings,
     register_method,
     relative_error,
+    setting,
     weighted_error,
 )
 
@@ -23,14 +29,19 @@ __all__ = [
     "CalibrationStats",
     "DecompositionMethod",
     "Factors",
+    "MethodConfig",
     "MethodResult",
+    "SolverConfig",
     "asvd",
     "available_methods",
     "check_weight",
     "fwsvd",
     "get_method",
+    "method_class",
+    "method_settings",
     "register_method",
     "relative_error",
+    "setting",
     "svd",
     "svd_llm",
     "tucker",

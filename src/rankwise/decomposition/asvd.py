@@ -3,14 +3,17 @@
 Input channels that carry large activations matter more to the layer's output, so ASVD scales W's
 columns by S = diag(mean|x|^α) before truncating, and undoes the scaling in the right factor:
 W·S ≈ U_r·Σ_r·V_rᵀ  ⇒  W ≈ (U_r·√Σ_r)·(S⁻¹·V_r·√Σ_r)ᵀ. This minimizes ‖(W − Ŵ)·S‖_F, a diagonal proxy for
-the output error; α = 0.5 is the paper's default. Needs calibration statistic ``act_abs_mean``.
+the output error; α = 0.5 is the paper's default (setting ``alpha``). Needs calibration statistic
+``act_abs_mean``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from rankwise.decomposition.base import CalibrationStats, register_method, stats_field
+from rankwise.decomposition.base import CalibrationStats, SolverConfig, register_method, setting, stats_field
 from rankwise.decomposition.scaled import ScaledSVDMethod, Scaling, clamped_scales
 from rankwise.errors import DecompositionError
 
@@ -27,19 +30,24 @@ def channel_scales(act_abs_mean: torch.Tensor, n: int, alpha: float,
                           "all calibration activations are zero; no channel scaling to use", fallbacks)
 
 
+@dataclass(frozen=True)
+class ASVDConfig(SolverConfig):
+    """ASVD's settings: the solver's, and the exponent α of the channel scales mean|x|^α."""
+
+    alpha: float = setting(0.5, "a number in (0, 1]", lambda v: 0 < v <= 1)
+
+
 @register_method
 class ASVD(ScaledSVDMethod):
     """SVD of W·diag(mean|x|^α), unscaled into the right factor; two factors of rank r."""
 
     name = "asvd"
     needs = frozenset({"act_abs_mean"})
-    summary = "activation-aware SVD (input channels scaled by mean|x|^0.5; needs act_abs_mean)"
+    summary = "activation-aware SVD (input channels scaled by mean|x|^alpha, alpha 0.5; needs act_abs_mean)"
     error_name = "scaled_error"
-
-    def __init__(self, alpha: float = 0.5, solver: str = "auto") -> None:
-        super().__init__(solver)
-        self.alpha = alpha
+    config_class = ASVDConfig
+    config: ASVDConfig
 
     def scaling(self, W: torch.Tensor, stats: CalibrationStats, fallbacks: list[str]) -> Scaling:
-        s = channel_scales(stats_field(stats, "act_abs_mean", W), W.shape[1], self.alpha, fallbacks)
+        s = channel_scales(stats_field(stats, "act_abs_mean", W), W.shape[1], self.config.alpha, fallbacks)
         return Scaling(W * s.to(torch.float32), unscale_right=lambda B: B / s[:, None])

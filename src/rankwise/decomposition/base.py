@@ -6,6 +6,12 @@ W ≈ A · G · Bᵀ (:class:`Factors`). Data-aware methods (ASVD, SVD-LLM, FWSV
 only those. Methods register themselves by name on import (TensorLy style), so adding a method is one new
 class in one file plus one import line in :mod:`rankwise.decomposition`.
 
+Settings: each method declares a frozen :class:`MethodConfig` dataclass (``config_class``), as peft pairs
+a config with each tuner. Plans and the CLI give settings by name (``{name: asvd, alpha: 0.25}``,
+``--method-arg alpha=0.25``); :meth:`MethodConfig.from_settings` checks them (unknown keys, types, ranges;
+one-line :class:`~rankwise.errors.PlanError` naming the field) and fills in the defaults, which equal the
+behaviour before settings existed. A new setting is one annotated line with a :func:`setting` default.
+
 Numerics: methods work in float32 (float64 for Gram/Cholesky work) whatever the weight's dtype, and return
 float32 factors; the caller casts to the model's dtype. A weight with NaN/Inf raises
 :class:`~rankwise.errors.DecompositionError` — a method never returns an un-decomposed or random layer.
@@ -14,12 +20,16 @@ float32 factors; the caller casts to the model's dtype. A weight with NaN/Inf ra
 from __future__ import annotations
 
 import math
+import typing
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Literal, Self
 
 import torch
 
+from rankwise.decomposition.solvers import KRYLOV_OVERSAMPLE, SOLVERS
+from rankwise.design.plan import MethodSpec
 from rankwise.errors import DecompositionError, PlanError
 
 Form = Literal["tucker", "two_factor"]
@@ -80,13 +90,127 @@ class MethodResult:
     extra: dict[str, float] = field(default_factory=dict)  # e.g. whitened error
 
 
+# --- settings -----------------------------------------------------------------------------------------------
+_KIND_TEXT = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def setting(default: Any, rule: str = "", check: Callable[[Any], bool] | None = None,
+            choices: tuple[str, ...] = ()) -> Any:
+    """A config field with its constraint: ``check`` accepts a value of the field's type, ``rule`` says in
+    words what it accepts (the error quotes it: ``must be a number in (0, 1]``); ``choices`` lists the
+    allowed strings (matched case-insensitively)."""
+    return field(default=default, metadata={"rule": rule, "check": check, "choices": choices})
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """A method's settings; subclasses are frozen dataclasses whose fields are bool, int, float or str.
+
+    The defaults are the method's behaviour with nothing said. Adding a setting to every method (error
+    compensation, say) is one line here, e.g. ``compensate: bool = setting(False)``; to one method, one
+    line in its config subclass. Values given as strings (the CLI's ``KEY=VALUE``, YAML's ``1e-6``) are
+    parsed by the field's type.
+    """
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any] | None = None, where: str = "") -> Self:
+        """The config with ``settings`` applied over the defaults; ``where`` prefixes the field in errors
+        (``overrides[0].method.``), so a bad value reads ``overrides[0].method.alpha: must be ...``."""
+        settings = dict(settings or {})
+        known = {f.name: f for f in fields(cls)}
+        for key in settings:
+            if key not in known:
+                names = ", ".join(sorted(known)) or "none"
+                raise PlanError(f"{where}{key}: unknown setting (known: {names})")
+        types = typing.get_type_hints(cls)
+        values = {key: _checked(value, types[key], known[key].metadata, f"{where}{key}")
+                  for key, value in settings.items()}
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting, defaults included: what reports and checkpoints record."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _checked(value: Any, kind: type, meta: Mapping[str, Any], where: str) -> Any:
+    """``value`` as a ``kind`` (parsing strings) that passes the field's constraint, or a PlanError."""
+    choices: tuple[str, ...] = meta.get("choices", ())
+    rule = meta.get("rule") or (f"one of {', '.join(choices)}" if choices else _KIND_TEXT.get(kind, str(kind)))
+    bad = PlanError(f"{where}: must be {rule}, got {value!r}")
+    parsed = _parse(value, kind)
+    if parsed is None:
+        raise bad
+    if choices:
+        parsed = parsed.strip().lower()
+        if parsed not in choices:
+            raise bad
+    check = meta.get("check")
+    if check is not None and not check(parsed):
+        raise bad
+    return parsed
+
+
+def _parse(value: Any, kind: type) -> Any:
+    """``value`` converted to ``kind`` (bool, int, float, str), or None when it is not one."""
+    text = value.strip().lower() if isinstance(value, str) else None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        return True if text in _TRUE else False if text in _FALSE else None
+    if isinstance(value, bool):
+        return None  # true/false is not a number
+    if kind is int:
+        if isinstance(value, int):
+            return value
+        try:
+            return int(text) if text is not None else None
+        except ValueError:
+            return None
+    if kind is float:
+        try:
+            number = float(value) if isinstance(value, int | float | str) else None
+        except ValueError:
+            return None
+        return number if number is not None and math.isfinite(number) else None
+    if kind is str:
+        return value if isinstance(value, str) else None
+    return None
+
+
+@dataclass(frozen=True)
+class SolverConfig(MethodConfig):
+    """Settings of the truncated-SVD solver every built-in method runs (see :mod:`.solvers`)."""
+
+    solver: str = setting("auto", choices=SOLVERS)  # auto: Krylov for tiny ranks of large matrices, else gram
+    oversample: int = setting(KRYLOV_OVERSAMPLE, "an integer >= 0", lambda v: v >= 0)  # Krylov block = r + this
+
+
 class DecompositionMethod(ABC):
-    """One way of factorizing a weight; subclasses set ``name`` and register with :func:`register_method`."""
+    """One way of factorizing a weight; subclasses set ``name`` and register with :func:`register_method`.
+
+    An instance carries its settings in ``config`` (an instance of the class's ``config_class``):
+    ``ASVD(alpha=0.25)``, ``ASVD(ASVDConfig(alpha=0.25))`` and ``get_method("asvd", alpha=0.25)`` agree.
+    """
 
     name: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset()  # CalibrationStats fields it reads, e.g. {"gram"}
     form: ClassVar[Form] = "two_factor"  # "tucker": params r1·m + r1·r2 + r2·n; "two_factor": r·(m + n)
     summary: ClassVar[str] = ""  # one line for listings
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig  # the settings it takes
+
+    def __init__(self, config: MethodConfig | None = None, **settings: Any) -> None:
+        if config is None:
+            config = self.config_class.from_settings(settings, f"{self.name}.")
+        elif not isinstance(config, self.config_class):
+            raise TypeError(f"{self.name} takes a {self.config_class.__name__}, got {type(config).__name__}")
+        elif settings:
+            config = self.config_class.from_settings({**config.to_dict(), **settings}, f"{self.name}.")
+        self.config = config
+
+    def settings(self) -> dict[str, Any]:
+        """The method's name and every setting, defaults included (what reports record)."""
+        return {"name": self.name, **self.config.to_dict()}
 
     @abstractmethod
     def decompose(self, weight: torch.Tensor, rank: Rank,
@@ -169,12 +293,32 @@ def register_method(cls: type[DecompositionMethod]) -> type[DecompositionMethod]
     return cls
 
 
-def get_method(name: str) -> DecompositionMethod:
-    """A fresh instance of the method called ``name``; unknown names raise a one-line PlanError."""
+def method_class(name: str, where: str = "") -> type[DecompositionMethod]:
+    """The registered class of method ``name`` (case-insensitive); unknown names raise a one-line PlanError."""
     cls = _REGISTRY.get(str(name).strip().lower())
     if cls is None:
-        raise PlanError(f"unknown decomposition method '{name}' (known: {', '.join(available_methods())})")
-    return cls()
+        raise PlanError(f"{where}unknown method '{name}' (known: {', '.join(available_methods())})")
+    return cls
+
+
+def get_method(method: str | MethodSpec, **settings: Any) -> DecompositionMethod:
+    """A fresh instance of a method, configured: by name with keyword settings, or from a plan's
+    :class:`~rankwise.design.plan.MethodSpec` (whose settings errors then name the plan field).
+
+    Unknown names, unknown settings and bad values raise a one-line PlanError.
+    """
+    if isinstance(method, MethodSpec):
+        cls = method_class(method.name, f"{method.where}: ")
+        given = {**dict(method.settings), **settings}
+        return cls(cls.config_class.from_settings(given, f"{method.where}."))
+    cls = method_class(method)
+    return cls(cls.config_class.from_settings(settings, f"{cls.name}."))
+
+
+def method_settings(method: str | MethodSpec | Mapping[str, Any]) -> dict[str, Any]:
+    """``{"name": ..., **every setting}`` of a method as a plan writes it (name, mapping or MethodSpec)."""
+    spec = method if isinstance(method, MethodSpec) else MethodSpec.parse(method, "method")
+    return get_method(spec).settings()
 
 
 def available_methods() -> list[str]:

@@ -25,9 +25,10 @@ from rankwise.decomposition.base import (
     Factors,
     MethodResult,
     Rank,
+    SolverConfig,
     check_weight,
 )
-from rankwise.decomposition.solvers import singular_values, truncated_svd
+from rankwise.decomposition.solvers import KRYLOV_OVERSAMPLE, singular_values, truncated_svd
 from rankwise.errors import DecompositionError
 
 log = logging.getLogger(__name__)
@@ -75,12 +76,12 @@ def relative_residual(M: torch.Tensor, kept: torch.Tensor) -> float:
 
 
 def scaled_truncation(M: torch.Tensor, rank: int, solver: str = "auto", *, unscale_left: Unscale | None = None,
-                      unscale_right: Unscale | None = None) -> ScaledTruncation:
+                      unscale_right: Unscale | None = None, oversample: int = KRYLOV_OVERSAMPLE) -> ScaledTruncation:
     """Truncate M at ``rank``; A = unscale_left(U·√Σ) (m×r), B = unscale_right(V·√Σ) (n×r), float32.
 
     The unscale maps receive float64 factors, so undoing a scaling adds no float32 rounding.
     """
-    res = truncated_svd(M, rank, solver)
+    res = truncated_svd(M, rank, solver, oversample)
     root = torch.sqrt(res.s.to(torch.float64).clamp_min(0))
     A = res.U.to(torch.float64) * root
     B = res.V.to(torch.float64) * root
@@ -106,14 +107,14 @@ class ScaledSVDMethod(DecompositionMethod):
     """A two-factor method that truncates ``scaling(W).matrix`` and maps the scaling back out of the factors.
 
     Subclasses set ``name``, ``needs``, ``summary``, ``error_name`` (the key of the scaled-metric error in
-    :attr:`MethodResult.extra`, or ``""``) and implement :meth:`scaling`.
+    :attr:`MethodResult.extra`, or ``""``), ``config_class`` when they take settings beyond the solver's,
+    and implement :meth:`scaling`.
     """
 
     form = "two_factor"
     error_name: ClassVar[str] = ""
-
-    def __init__(self, solver: str = "auto") -> None:
-        self.solver = solver
+    config_class: ClassVar[type[SolverConfig]] = SolverConfig
+    config: SolverConfig
 
     @abstractmethod
     def scaling(self, W: torch.Tensor, stats: CalibrationStats, fallbacks: list[str]) -> Scaling:
@@ -125,8 +126,8 @@ class ScaledSVDMethod(DecompositionMethod):
         r, _ = self.ranks_for(rank, *W.shape)
         fallbacks: list[str] = []
         sc = self.scaling(W, stats, fallbacks)
-        cut = scaled_truncation(sc.matrix, r, self.solver, unscale_left=sc.unscale_left,
-                                unscale_right=sc.unscale_right)
+        cut = scaled_truncation(sc.matrix, r, self.config.solver, unscale_left=sc.unscale_left,
+                                unscale_right=sc.unscale_right, oversample=self.config.oversample)
         f = cut.factors
         if not (bool(torch.isfinite(f.A).all()) and bool(torch.isfinite(f.B).all())):
             why = f" ({sc.note})" if sc.note else ""

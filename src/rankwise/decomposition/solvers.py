@@ -52,16 +52,17 @@ def _work(matrix: torch.Tensor) -> torch.Tensor:
     return matrix if matrix.dtype == torch.float64 else matrix.to(torch.float32)
 
 
-def choose_solver(rank: int, m: int, n: int) -> str:
+def choose_solver(rank: int, m: int, n: int, oversample: int = KRYLOV_OVERSAMPLE) -> str:
     """'krylov' for tiny ranks of large-enough matrices, else 'gram'.
 
     Measured (CPU ms per SmolLM2 matrix, one thread): at k = 576, Krylov takes 16-35 ms at r <= 2 against
     39-54 ms for the full eigendecomposition, breaks even near r = 3-4 and loses beyond; at k = 192 the
     eigendecomposition (~3 ms) always wins. The rule r + 2 <= k / 144 keeps Krylov to r <= 2 at k = 576
     and lets it scale to r <= 26 at k = 4096, where the k³ eigendecomposition grows much faster.
+    The rule bounds the Krylov block width r + oversample, which is what sets Krylov's cost.
     """
     k = min(m, n)
-    return "krylov" if k >= KRYLOV_MIN_DIM and rank + KRYLOV_OVERSAMPLE <= k / 144 else "gram"
+    return "krylov" if k >= KRYLOV_MIN_DIM and rank + oversample <= k / 144 else "gram"
 
 
 def lapack_svd(matrix: torch.Tensor, rank: int) -> SVDResult:
@@ -114,14 +115,15 @@ def gram_svd(matrix: torch.Tensor, rank: int) -> SVDResult:
     return SVDResult(res.U.float(), res.s.float(), res.V.float(), "gram-f64")
 
 
-def _krylov_eig(G: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _krylov_eig(G: torch.Tensor, rank: int,
+                oversample: int = KRYLOV_OVERSAMPLE) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Top-r eigenpairs of a PSD G (float64) by block Krylov + Rayleigh–Ritz; None if not converged.
 
     G·Q is kept and extended block by block, so each step costs one k×k×block product plus the
     re-orthogonalization, not a fresh projection of G.
     """
     k = G.shape[0]
-    block = rank + KRYLOV_OVERSAMPLE
+    block = rank + oversample
     max_width = int(KRYLOV_MAX_FRACTION * k)
     trace = float(torch.diagonal(G).sum())
     gen = torch.Generator(device="cpu").manual_seed(SEED)
@@ -148,14 +150,14 @@ def _krylov_eig(G: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
         GQ = torch.cat([GQ, G @ Qn], dim=1)
 
 
-def krylov_svd(matrix: torch.Tensor, rank: int) -> SVDResult:
+def krylov_svd(matrix: torch.Tensor, rank: int, oversample: int = KRYLOV_OVERSAMPLE) -> SVDResult:
     """Top-r triplets by randomized block Krylov on the smaller Gram; falls back to :func:`gram_svd`."""
     M = _work(matrix)
     G, left = _gram(M)
     trace = float(torch.diagonal(G).to(torch.float64).sum())
     # The iteration runs in float64 (cheap at k up to a few thousand) so its stopping rule is not fooled by
     # float32 noise; the Gram's own float32 rounding is checked by the tail guard, as in gram_svd.
-    found = _krylov_eig(G.to(torch.float64), rank)
+    found = _krylov_eig(G.to(torch.float64), rank, oversample)
     if found is None:
         return gram_svd(M, rank)
     lam, Q = found
@@ -164,13 +166,18 @@ def krylov_svd(matrix: torch.Tensor, rank: int) -> SVDResult:
     return _from_eigvecs(M, Q.to(M.dtype), lam.to(M.dtype), left, "krylov")
 
 
-def truncated_svd(matrix: torch.Tensor, rank: int, solver: str = "auto") -> SVDResult:
-    """Top-``rank`` singular triplets of ``matrix`` with the named (or automatically chosen) solver."""
+def truncated_svd(matrix: torch.Tensor, rank: int, solver: str = "auto",
+                  oversample: int = KRYLOV_OVERSAMPLE) -> SVDResult:
+    """Top-``rank`` singular triplets of ``matrix`` with the named (or automatically chosen) solver.
+
+    ``oversample`` is Krylov's extra block width (block = rank + oversample); the other solvers are exact
+    and ignore it.
+    """
     m, n = matrix.shape
     if solver == "auto":
-        solver = choose_solver(rank, m, n)
+        solver = choose_solver(rank, m, n, oversample)
     if solver == "krylov":
-        return krylov_svd(matrix, rank)
+        return krylov_svd(matrix, rank, oversample)
     if solver == "gram":
         return gram_svd(matrix, rank)
     if solver == "lapack":

@@ -10,7 +10,8 @@ The Gram of a short calibration set is often singular (dead channels, fewer toke
 the Cholesky step has a logged fallback chain, each step recorded in ``MethodResult.fallbacks``:
 float64 Cholesky → Cholesky of XᵀX + ε·mean(diag)·I for ε = 1e-6, 1e-5, …, 1e-2 → eigendecomposition
 with eigenvalues clamped at a small positive floor (S = Q·√Λ). It never fails silently.
-Needs calibration statistic ``gram``.
+Setting ``damping`` (default 0: none) adds damping·mean(diag)·I to the Gram before the first Cholesky, the
+ridge some SVD-LLM implementations apply up front. Needs calibration statistic ``gram``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rankwise.decomposition.base import CalibrationStats, register_method, stats_field
+from rankwise.decomposition.base import CalibrationStats, SolverConfig, register_method, setting, stats_field
 from rankwise.decomposition.scaled import ScaledSVDMethod, Scaling
 from rankwise.errors import DecompositionError
 
@@ -52,8 +53,9 @@ def _note(fallbacks: list[str], text: str) -> None:
     fallbacks.append(text)
 
 
-def whitening(gram: torch.Tensor, n: int, fallbacks: list[str]) -> Whitening:
-    """The whitening factor of a calibration Gram, following the documented fallback chain."""
+def whitening(gram: torch.Tensor, n: int, fallbacks: list[str], damping: float = 0.0) -> Whitening:
+    """The whitening factor of a calibration Gram (plus ``damping``·mean(diag)·I), following the documented
+    fallback chain."""
     G = gram.detach().to(torch.float64)
     if tuple(G.shape) != (n, n):
         raise DecompositionError(f"svd-llm: gram has shape {tuple(G.shape)}, weight has {n} input features")
@@ -63,6 +65,8 @@ def whitening(gram: torch.Tensor, n: int, fallbacks: list[str]) -> Whitening:
     scale = float(torch.diagonal(G).mean())
     if scale <= 0.0:
         raise DecompositionError("svd-llm: calibration gram has no positive diagonal (zero activations or a corrupt gram)")
+    if damping > 0.0:
+        G = G + (damping * scale) * torch.eye(n, dtype=torch.float64, device=G.device)
     L, info = torch.linalg.cholesky_ex(G)
     if int(info) == 0:
         return Whitening(L, "cholesky")
@@ -81,6 +85,13 @@ def whitening(gram: torch.Tensor, n: int, fallbacks: list[str]) -> Whitening:
     return Whitening(Q * root, "eigh", Q=Q, root=root)
 
 
+@dataclass(frozen=True)
+class SVDLLMConfig(SolverConfig):
+    """SVD-LLM's settings: the solver's, and the relative damping added to the Gram before whitening."""
+
+    damping: float = setting(0.0, "a number >= 0", lambda v: v >= 0)
+
+
 @register_method
 class SVDLLM(ScaledSVDMethod):
     """SVD of the whitened W·S (XᵀX = S·Sᵀ), unwhitened by a triangular solve; two factors of rank r."""
@@ -89,9 +100,11 @@ class SVDLLM(ScaledSVDMethod):
     needs = frozenset({"gram"})
     summary = "truncation-aware whitening (Cholesky of the calibration Gram; needs gram)"
     error_name = "whitened_error"
+    config_class = SVDLLMConfig
+    config: SVDLLMConfig
 
     def scaling(self, W: torch.Tensor, stats: CalibrationStats, fallbacks: list[str]) -> Scaling:
-        white = whitening(stats_field(stats, "gram", W), W.shape[1], fallbacks)
+        white = whitening(stats_field(stats, "gram", W), W.shape[1], fallbacks, self.config.damping)
         M = (W.to(torch.float64) @ white.S).to(torch.float32)
         # Bᵀ = √Σ_r·V_rᵀ·S⁻¹ (r × n) by a triangular solve, never an explicit inverse
         return Scaling(M, unscale_right=lambda B: white.right_solve(B.T).T,

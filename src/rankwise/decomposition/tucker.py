@@ -29,6 +29,7 @@ from rankwise.decomposition.base import (
     Factors,
     MethodResult,
     Rank,
+    SolverConfig,
     check_weight,
     register_method,
 )
@@ -42,14 +43,13 @@ class Tucker(DecompositionMethod):
     name = "tucker"
     form = "tucker"
     summary = "Tucker-2 / HOOI fixed point (the paper's method; three factors, data-free)"
-
-    def __init__(self, solver: str = "auto") -> None:
-        self.solver = solver
+    config_class = SolverConfig
+    config: SolverConfig
 
     def decompose(self, weight: torch.Tensor, rank: Rank, stats: CalibrationStats | None = None) -> MethodResult:
         W = check_weight(weight, self.name)
         r1, r2 = self.ranks_for(rank, *W.shape)
-        res = truncated_svd(W, max(r1, r2), self.solver)
+        res = truncated_svd(W, max(r1, r2), self.config.solver, self.config.oversample)
         k = min(r1, r2)
         G = torch.zeros(r1, r2, dtype=torch.float32, device=res.s.device)
         G[:k, :k] = torch.diag(res.s[:k].float())

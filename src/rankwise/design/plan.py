@@ -9,7 +9,12 @@ Plans are written by people in YAML or JSON::
     tensors: all            # or [mlp], [q, k, v, o]
     overrides:              # later rules win; a rule with skip: true leaves its targets dense
       - {layers: "20-29", tensors: [down], rank: 0.5, method: svd}
+      - {layers: [0, 1], tensors: [mlp], method: {name: asvd, alpha: 0.25, solver: gram}}
       - {layers: [17], tensors: [q], skip: true}
+
+A method is a name (case-insensitive) or a mapping of its name and settings (:class:`MethodSpec`); a
+rule's method replaces the inherited one whole, settings included. The settings are checked against the
+method's config (in :mod:`rankwise.decomposition`) when the plan is applied.
 
 Parsing checks the plan's own fields; :meth:`Plan.resolve` checks it against a model (layers in range,
 roles that exist, exact ranks within 1..min(m, n)). Every error is a one-line :class:`PlanError` naming
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +38,62 @@ from rankwise.models.adapters import TargetInfo
 
 Target = tuple[int, str]
 FOLD_CHOICES = ("auto", True, False)
+Setting = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A decomposition method as a plan names it: its name (lower case) and the settings written with it.
+
+    Plans stay terse: only the settings given are kept (sorted by key), so ``to_plain()`` writes back what
+    was read. Checking them and filling in defaults is the method config's job, a layer up; ``where`` is
+    the plan field the spec came from (``overrides[0].method``), so those checks can name it.
+    """
+
+    name: str
+    settings: tuple[tuple[str, Setting], ...] = ()
+    where: str = field(default="method", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", self.name.strip().lower())
+        object.__setattr__(self, "settings", tuple(sorted(self.settings)))
+
+    @classmethod
+    def parse(cls, value: Any, field_name: str = "method") -> MethodSpec:
+        """From a name (``asvd``) or a mapping (``{name: asvd, alpha: 0.5}``); a one-line PlanError if
+        neither, naming ``field_name``."""
+        if isinstance(value, MethodSpec):
+            return replace(value, where=field_name)
+        if isinstance(value, Mapping):
+            if "name" not in value:
+                raise PlanError(f"{field_name}.name: missing (write e.g. {{name: asvd, alpha: 0.5}})")
+            name, settings = value["name"], {k: v for k, v in value.items() if k != "name"}
+        else:
+            name, settings = value, {}
+        if not isinstance(name, str) or not name.strip():
+            where = f"{field_name}.name" if isinstance(value, Mapping) else field_name
+            raise PlanError(f"{where}: expected a method name, got {name!r}")
+        for key, setting in settings.items():
+            if not isinstance(key, str):
+                raise PlanError(f"{field_name}: setting names must be strings, got {key!r}")
+            if not isinstance(setting, Setting):
+                raise PlanError(f"{field_name}.{key}: expected a number, a string or true/false, got {setting!r}")
+        return cls(name, tuple(settings.items()), where=field_name)
+
+    def to_plain(self) -> str | dict[str, Any]:
+        """The name alone when no settings were given, else ``{name: ..., **settings}``."""
+        return self.name if not self.settings else {"name": self.name, **dict(self.settings)}
+
+    def __str__(self) -> str:
+        return self.name
 
 
 @dataclass(frozen=True)
 class DecompSpec:
-    """How one target is decomposed: method name, rank spec, and whether to factorize above break-even."""
+    """How one target is decomposed: method (name and settings), rank spec, and whether to factorize above
+    break-even."""
 
-    method: str
+    method: MethodSpec
     rank: RankSpec
     force: bool = False
 
@@ -50,15 +104,19 @@ class Rule:
 
     layers: LayerSelector
     tensors: TensorSelector = "all"
-    method: str | None = None
+    method: MethodSpec | None = None
     rank: RankSpec | None = None
     force: bool | None = None
     skip: bool = False
 
+    def __post_init__(self) -> None:
+        if self.method is not None and not isinstance(self.method, MethodSpec):
+            object.__setattr__(self, "method", MethodSpec.parse(self.method))
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"layers": _plain(self.layers), "tensors": _plain(self.tensors)}
         if self.method is not None:
-            out["method"] = self.method
+            out["method"] = self.method.to_plain()
         if self.rank is not None:
             out["rank"] = self.rank.to_plain()
         if self.force is not None:
@@ -78,12 +136,16 @@ class Plan:
 
     layers: LayerSelector = "all"
     tensors: TensorSelector = "all"
-    method: str = "tucker"
+    method: MethodSpec = MethodSpec("tucker")
     rank: RankSpec = field(default_factory=lambda: RankSpec("exact", 1))
     force: bool = False
     fold: str | bool = "auto"
     overrides: tuple[Rule, ...] = ()
     name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.method, MethodSpec):
+            object.__setattr__(self, "method", MethodSpec.parse(self.method))
 
     # --- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -93,7 +155,7 @@ class Plan:
         unknown = sorted(set(data) - _PLAN_KEYS)
         if unknown:
             raise PlanError(f"plan: unknown field '{unknown[0]}' (known: {', '.join(sorted(_PLAN_KEYS))})")
-        method = _check_method(data.get("method", "tucker"), "method")
+        method = MethodSpec.parse(data.get("method", "tucker"), "method")
         rank = parse_rank(data.get("rank", 1), "rank")
         force = _check_bool(data.get("force", False), "force")
         fold = data.get("fold", "auto")
@@ -113,8 +175,9 @@ class Plan:
 
     @classmethod
     def simple(cls, layers: LayerSelector = "all", tensors: TensorSelector = "all", rank: object = 1,
-               method: str = "tucker", force: bool = False, fold: str | bool = "auto") -> Plan:
-        """A one-rule plan, as the CLI's ``--layers --tensors --rank --method`` flags describe."""
+               method: str | Mapping[str, Any] | MethodSpec = "tucker", force: bool = False,
+               fold: str | bool = "auto") -> Plan:
+        """A one-rule plan, as the CLI's ``--layers --tensors --rank --method --method-arg`` flags describe."""
         return cls.from_dict({"layers": layers, "tensors": tensors, "rank": rank, "method": method,
                               "force": force, "fold": fold})
 
@@ -140,7 +203,7 @@ class Plan:
         out: dict[str, Any] = {}
         if self.name is not None:
             out["name"] = self.name
-        out.update({"method": self.method, "rank": self.rank.to_plain(), "layers": _plain(self.layers),
+        out.update({"method": self.method.to_plain(), "rank": self.rank.to_plain(), "layers": _plain(self.layers),
                     "tensors": _plain(self.tensors)})
         if self.force:
             out["force"] = True
@@ -167,6 +230,13 @@ class Plan:
         for i, rule in enumerate(self.overrides):
             yield f"overrides[{i}].", rule
 
+    def methods(self) -> Iterable[MethodSpec]:
+        """Every method the plan names (the default, then each override's), to check before applying it."""
+        yield self.method
+        for rule in self.overrides:
+            if rule.method is not None:
+                yield rule.method
+
     def resolve(self, targets: Sequence[TargetInfo], roles: Sequence[str],
                 groups: Mapping[str, Sequence[str]] | None = None,
                 known_methods: Iterable[str] | None = None) -> dict[Target, DecompSpec]:
@@ -179,11 +249,14 @@ class Plan:
             layers = parse_layers(rule.layers, n_layers, f"{prefix}layers")
             roles_sel = parse_tensors(rule.tensors, roles, groups, f"{prefix}tensors")
             method = rule.method or self.method
-            if methods is not None and method not in methods:
-                raise PlanError(f"{prefix or ''}method: unknown method '{method}' (known: {', '.join(sorted(methods))})")
+            if methods is not None and method.name not in methods:
+                raise PlanError(f"{prefix or ''}method: unknown method '{method.name}' "
+                                f"(known: {', '.join(sorted(methods))})")
             for layer in layers:
                 for role in roles_sel:
                     key = (layer, role)
+                    if key not in by_target:  # a role this block lacks (cross-attention in an encoder block)
+                        continue
                     if rule.skip:
                         chosen.pop(key, None)
                         continue
@@ -201,12 +274,6 @@ class Plan:
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
-
-
-def _check_method(value: Any, field_name: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise PlanError(f"{field_name}: expected a method name, got {value!r}")
-    return value
 
 
 def _check_bool(value: Any, field_name: str) -> bool:
@@ -236,7 +303,7 @@ def _rule_from_dict(data: Any, prefix: str) -> Rule:
     return Rule(
         layers=_check_layers(data["layers"], f"{prefix}.layers"),
         tensors=_check_tensors(data.get("tensors", "all"), f"{prefix}.tensors"),
-        method=_check_method(data["method"], f"{prefix}.method") if "method" in data else None,
+        method=MethodSpec.parse(data["method"], f"{prefix}.method") if "method" in data else None,
         rank=parse_rank(data["rank"], f"{prefix}.rank") if "rank" in data else None,
         force=_check_bool(data["force"], f"{prefix}.force") if "force" in data else None,
         skip=_check_bool(data.get("skip", False), f"{prefix}.skip"),
