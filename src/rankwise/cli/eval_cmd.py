@@ -39,6 +39,9 @@ def eval_command(
     shots: Annotated[int | None, typer.Option(help="Few-shot examples (MMLU: 0-5 from dev); "
                                                    "default: the task's own.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Contexts per forward pass.")] = 16,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per window or context: wikitext_token "
+                                                                  "windows (default 2048), the context limit of "
+                                                                  "the other tasks (default: the model's).")] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Benchmark data folder "
                                                                      "(default: $RANKWISE_DATA).")] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
@@ -58,9 +61,12 @@ def eval_command(
         raise RankwiseError(f"unknown harness '{harness}': choose one of {', '.join(HARNESSES)}")
     if batch_size < 1:
         raise RankwiseError(f"--batch-size must be at least 1, got {batch_size}")
+    if seq_len is not None and seq_len < 1:
+        raise RankwiseError(f"--seq-len must be at least 1, got {seq_len}")
     names = runner.parse_task_list(tasks)
     options = EvalOptions(data_dir=data_dir, limit=limit, sample=sample, seed=seed, shots=shots,
-                          batch_size=batch_size, log_samples=log_samples is not None, progress=not quiet)
+                          batch_size=batch_size, seq_len=seq_len, log_samples=log_samples is not None,
+                          progress=not quiet)
     validate_subset(limit, sample)
     if harness == "rankwise":
         resolved = runner.resolve_tasks(names)
@@ -98,7 +104,7 @@ def eval_command(
         "model": loaded.info.to_dict(),
         "harness": harness,
         "options": {"tasks": names, "limit": limit, "sample": sample, "seed": seed, "shots": shots,
-                    "batch_size": batch_size, "dtype": dtype, "device": device,
+                    "batch_size": batch_size, "seq_len": seq_len, "dtype": dtype, "device": device,
                     "data_dir": str(data_dir) if data_dir else None},
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "seconds": elapsed,
