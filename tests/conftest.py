@@ -18,6 +18,19 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+#: Fixtures that load a real bundled model: a test using one (directly or through another fixture) is slow.
+REAL_MODEL_FIXTURES = frozenset({"smollm", "minilm"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The fast lane (``-m "not slow"``) is defined by what a test needs, not by hand-kept lists: every test
+    that depends on a real-model fixture is marked ``slow`` here; tests that run lm-eval or start a
+    subprocess carry the mark themselves."""
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     path = Path(os.environ["RANKWISE_DATA"])

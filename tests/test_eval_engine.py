@@ -300,6 +300,7 @@ def test_cli_limit_and_sample_are_exclusive(capsys):
     assert code == 2 and "mutually exclusive" in err
 
 
+@pytest.mark.slow  # runs lm-eval
 def test_cli_writes_results_and_samples(capsys, tmp_path):
     out_json, out_samples = tmp_path / "r.json", tmp_path / "s.jsonl"
     code, stdout, _ = run_cli(["eval", "smollm2-135m", "--tasks", "copa,rte", "--limit", "3", "-q",
@@ -340,6 +341,7 @@ def test_mmlu_group_aggregates_subjects_by_size(smollm):
     assert group.protocol["shots"] == 0 and "per subject" in group.protocol["subset"]
 
 
+@pytest.mark.slow  # runs lm-eval
 def test_cli_harness_lm_eval_runs_lm_evals_task_on_local_data(capsys, tmp_path):
     out_json = tmp_path / "r.json"
     code, stdout, _ = run_cli(["eval", "smollm2-135m", "--tasks", "copa", "--limit", "2", "-q",

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from rankwise.analysis import inspect_model, singular_values
@@ -17,6 +18,7 @@ def _inspect(model: str) -> dict:
     return json.loads(proc.stdout)
 
 
+@pytest.mark.slow  # a subprocess loading a real model
 def test_inspect_smollm_json():
     report = _inspect("smollm2-135m")
     assert set(report) >= {"model", "architecture", "n_params", "targets", "design_space"}
@@ -37,6 +39,7 @@ def test_inspect_smollm_json():
     assert report["design_space"]["per_target_log2"] > 1000
 
 
+@pytest.mark.slow  # a subprocess loading a real model
 def test_inspect_minilm_json():
     report = _inspect("minilm-l6")
     assert len(report["targets"]) == 36 and report["architecture"] == "bert"

@@ -60,6 +60,7 @@ def test_local_causal_folder_roundtrip(tmp_path):
         assert torch.equal(p1, p2), n1
 
 
+@pytest.mark.slow  # real GGUF conversion / CLI start-up per case
 def test_gguf_file_converts_once_then_hits_cache(tmp_path, monkeypatch):
     """A .gguf path converts into $RANKWISE_CACHE keyed by content hash; the second load is a cache hit."""
     monkeypatch.setenv("RANKWISE_CACHE", str(tmp_path / "cache"))
@@ -105,6 +106,7 @@ def test_corrupt_safetensors(tmp_path):
         load(str(_corrupt_safetensors_folder(tmp_path)))
 
 
+@pytest.mark.slow  # real GGUF conversion / CLI start-up per case
 @pytest.mark.parametrize(
     "spec, expect",
     [
