@@ -36,6 +36,7 @@ COMMAND_MODULES = (
     "rankwise.cli.decompose_cmd",
     "rankwise.cli.bench_cmd",
     "rankwise.cli.cache_cmd",
+    "rankwise.cli.study_cmd",
 )
 
 
