@@ -19,7 +19,7 @@ import rankwise
 from helpers import run_cli
 from helpers import tiny_llama as _tiny
 from rankwise.design import Plan
-from rankwise.efficiency import accounting, energy, execution, flops, ideal, timing
+from rankwise.efficiency import accounting, energy, execution, flops, ideal, microbench, timing
 from rankwise.efficiency.compare import BenchConfig, compare
 from rankwise.layers import FactorizedLinear, FactorizedShape
 from rankwise.models.forward import cache_kwargs
@@ -390,7 +390,7 @@ def test_execution_cache_is_reused(cache_tmp, one_thread, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("measured again despite the cache")
 
-    monkeypatch.setattr(execution, "time_forms", boom)
+    monkeypatch.setattr(microbench, "time_forms", boom)
     again = execution.benchmark_shape(shape, (1,), dev, torch.float32,
                                       execution.TimingCache.for_device(dev, torch.float32, 1))
     assert again == first

@@ -7,10 +7,8 @@ context at batch 1 and 8, one scoring batch of 8 x 256 tokens, 5 repeats after 1
 
 from __future__ import annotations
 
-import copy
-import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -40,24 +38,6 @@ def parse_scoring(text: str) -> tuple[int, int] | None:
         raise RankwiseError(f"--scoring: '{text}' is not BATCHxTOKENS (e.g. 8x256) or none")
     batch, seq = parse_ints(parts[0], "--scoring"), parse_ints(parts[1], "--scoring")
     return batch[0], seq[0]
-
-
-def recorded_source(folder: Path) -> str | None:
-    """The model a rankwise checkpoint was decomposed from, as its decomposition report names it."""
-    from rankwise.checkpoint.format import REPORT_FILE
-
-    try:
-        data = json.loads((folder / REPORT_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    source = data.get("model") if isinstance(data, dict) else None
-    return source if isinstance(source, str) and source else None
-
-
-def _loadable(spec: str) -> bool:
-    from rankwise.models import BUNDLED
-
-    return spec in BUNDLED or Path(spec).expanduser().exists()
 
 
 @app.command()
@@ -93,11 +73,9 @@ def bench(
     """Dense vs decomposed: parameters, bytes, FLOPs, prefill/decode/scoring speed, memory, energy, ideal vs measured."""
     import torch
 
-    from rankwise.checkpoint import load
-    from rankwise.checkpoint.format import is_checkpoint
-    from rankwise.efficiency.accounting import disk_bytes
     from rankwise.efficiency.compare import BenchConfig, compare
-    from rankwise.efficiency.execution import choose_execution, merged_copy
+    from rankwise.efficiency.execution import choose_execution
+    from rankwise.efficiency.pairing import bench_pair, check_pairing
 
     # --- check the options before anything slow ------------------------------------------------------------
     config = BenchConfig(seq_lens=parse_ints(seq_lens, "--seq-lens"),
@@ -116,48 +94,19 @@ def bench(
         if threads < 1:
             raise RankwiseError(f"--threads: {threads} is not a positive number of threads")
         torch.set_num_threads(threads)
-    path = Path(model).expanduser()
-    checkpoint = path.is_dir() and is_checkpoint(path)
-    if plan is None and not checkpoint and baseline is None:
-        raise RankwiseError(f"{model} is not a rankwise checkpoint: give --plan FILE to decompose it, or "
-                            "--baseline MODEL to compare it with")
-    if plan is not None and checkpoint:
-        raise RankwiseError(f"{model} is already decomposed: --plan applies to a dense model")
     the_plan = None
     if plan is not None:
         from rankwise.surgery import as_plan
 
+        check_pairing(model, plan, baseline)
         the_plan = as_plan(plan)
 
     # --- models ----------------------------------------------------------------------------------------------
     console = Console(stderr=True)
-    loaded = load(model, dtype=dtype, device=device)
-    the_dtype = dtype or str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
-    extra: dict[str, Any] = {}
-    if the_plan is not None:
-        from rankwise.surgery import decompose
-
-        dense = loaded.model
-        decomposed = copy.deepcopy(dense)
-        report = decompose(decomposed, the_plan, tokenizer=loaded.tokenizer, progress=not quiet, name=model)
-        extra["decomposition"] = report.summary()
-        base_name, dec_name = model, f"{model} + {plan.stem}"
-    else:
-        decomposed = loaded.model
-        dec_name = path.name if checkpoint else model
-        source = baseline or (recorded_source(path) if checkpoint else None)
-        if source is None or (baseline is None and not _loadable(source)):
-            raise RankwiseError(f"{model}: the checkpoint does not name a loadable source model "
-                                f"({source or 'none recorded'}); give --baseline MODEL (or --baseline merged)")
-        if source == "merged":
-            dense, base_name = merged_copy(decomposed), "merged (dense-equivalent)"
-        else:
-            dense, base_name = load(source, dtype=the_dtype, device=device).model, source
-        if checkpoint:
-            extra["disk_bytes"] = disk_bytes(path)
-    if str(next(dense.parameters()).dtype) != str(next(decomposed.parameters()).dtype):
-        raise RankwiseError(f"baseline and model dtypes differ ({next(dense.parameters()).dtype} vs "
-                            f"{next(decomposed.parameters()).dtype}): compare at the same --dtype")
+    pair = bench_pair(model, plan=the_plan, plan_name=plan.stem if plan else "plan", baseline=baseline,
+                      dtype=dtype, device=device, progress=not quiet)
+    dense, decomposed, base_name, dec_name, extra = (pair.dense, pair.decomposed, pair.base_name, pair.dec_name,
+                                                     pair.extra)
     if execution == "auto":
         from rankwise.models.forward import is_causal_lm
 

@@ -31,303 +31,33 @@ other processes only ever add time), the median gives the noise allowance.
 from __future__ import annotations
 
 import copy
-import json
 import math
-import platform
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from rankwise.checkpoint.format import is_factorized
+from rankwise.efficiency.microbench import (  # noqa: F401  (re-exported: the module's public names before the split)
+    DEFAULT_TOKENS,
+    FORMS,
+    FormTiming,
+    TimingCache,
+    benchmark_matrix,
+    benchmark_shape,
+    device_name,
+    shape_forms,
+)
+from rankwise.efficiency.policy import _describe, choose_form, choose_layout, form_params, shape_layouts  # noqa: F401
 from rankwise.errors import RankwiseError
-from rankwise.fileio import write_text_atomic
-from rankwise.layers.factorized import FactorizedLinear, FactorizedShape, Layout, relayout_
+from rankwise.layers.factorized import FactorizedLinear, FactorizedShape, Layout
+from rankwise.layers.modules import is_factorized, merge_factorized_
 from rankwise.models.adapters import adapter_for
-from rankwise.settings import cache_dir
 
-FORMS = ("three_factor", "two_factor", "dense")
-LAYOUTS: tuple[Layout, ...] = ("row", "col")
-DEFAULT_TOKENS = (1, 8, 512)
-CACHE_VERSION = 1
 #: Attribute on a model holding the last :func:`choose_execution` report.
 EXECUTION_ATTR = "_rankwise_execution"
-
-
-# --- where results are cached ---------------------------------------------------------------------------
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    """A stable name for the hardware: the GPU's name, or the CPU's model name."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cache_key(device: torch.device, dtype: torch.dtype, threads: int) -> str:
-    """``<device type>-<hardware>-<dtype>-t<threads>``: timings depend on all four."""
-    return f"{device.type}-{_slug(device_name(device))}-{str(dtype).removeprefix('torch.')}-t{threads}"
-
-
-class TimingCache:
-    """Micro-benchmark results of one device/dtype/threads key, as JSON (written atomically)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.entries: dict[str, dict[str, float]] = {}
-        try:
-            data = json.loads(path.read_text())
-            if data.get("version") == CACHE_VERSION and data.get("torch") == torch.__version__:
-                self.entries = dict(data.get("entries", {}))
-        except (OSError, ValueError, AttributeError):
-            pass
-
-    @classmethod
-    def for_device(cls, device: torch.device, dtype: torch.dtype, threads: int) -> TimingCache:
-        return cls(cache_dir() / "execution" / f"{cache_key(device, dtype, threads)}.json")
-
-    def save(self) -> None:
-        data = {"version": CACHE_VERSION, "torch": torch.__version__, "entries": self.entries}
-        write_text_atomic(self.path, json.dumps(data, indent=1, sort_keys=True))
-
-
-# --- micro-benchmarks -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FormTiming:
-    """Time per call of one form at one token count, in microseconds."""
-
-    min_us: float
-    median_us: float
-    blocks: int
-
-
-def shape_forms(shape: FactorizedShape) -> dict[str, FactorizedShape | None]:
-    """The candidate forms of a factorized shape (``None`` stands for the dense Linear)."""
-    forms: dict[str, FactorizedShape | None] = {}
-    if shape.form == "three_factor":
-        forms["three_factor"] = shape
-    forms["two_factor"] = replace(shape, form="two_factor", rank_out=shape.rank_in)
-    forms["dense"] = None
-    return forms
-
-
-def _entry_key(shape: FactorizedShape, form: str, tokens: int) -> str:
-    s = shape
-    return f"{s.out_features}x{s.in_features}:r{s.rank_out}x{s.rank_in}:{s.form}:b{int(s.bias)}:{form}@{tokens}"
-
-
-def _build(shape: FactorizedShape, form_shape: FactorizedShape | None, dtype: torch.dtype,
-           device: torch.device) -> nn.Module:
-    if form_shape is None:
-        return nn.Linear(shape.in_features, shape.out_features, bias=shape.bias, dtype=dtype, device=device)
-    return FactorizedLinear(form_shape, dtype=dtype, device=device)
-
-
-def _last_level_cache_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
-    best = 0
-    for size_file in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = size_file.read_text().strip().upper()
-        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-        try:
-            best = max(best, int(text.rstrip("KMG")) * mult)
-        except ValueError:
-            continue
-    return best or (32 << 20)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_forms(modules: dict[str, list[nn.Module]], x: torch.Tensor, device: torch.device, blocks: int = 7,
-               min_block_s: float = 0.002) -> dict[str, FormTiming]:
-    """Per-call time of each form on input ``x``, cycling through each form's copies, blocks interleaved."""
-    calls: dict[str, int] = {}
-    with torch.inference_mode():
-        for form, copies in modules.items():
-            for m in copies[:3]:
-                m(x)
-            _sync(device)
-            t0 = time.perf_counter()
-            for m in copies:
-                m(x)
-            _sync(device)
-            per_call = max((time.perf_counter() - t0) / len(copies), 1e-7)
-            calls[form] = max(len(copies), math.ceil(min_block_s / per_call))
-        samples: dict[str, list[float]] = {form: [] for form in modules}
-        for b in range(blocks):
-            order = list(modules) if b % 2 == 0 else list(reversed(modules))
-            for form in order:
-                copies, n = modules[form], calls[form]
-                _sync(device)
-                t0 = time.perf_counter()
-                for i in range(n):
-                    copies[i % len(copies)](x)
-                _sync(device)
-                samples[form].append((time.perf_counter() - t0) / n * 1e6)
-    return {form: FormTiming(min_us=min(s), median_us=sorted(s)[len(s) // 2], blocks=len(s))
-            for form, s in samples.items()}
-
-
-def _timed_candidates(builders: dict[str, Callable[[], nn.Module]], key: Callable[[str, int], str],
-                      in_features: int, token_counts: Sequence[int], device: torch.device, dtype: torch.dtype,
-                      cache: TimingCache | None, blocks: int, remeasure: bool) -> dict[int, dict[str, FormTiming]]:
-    """Per-call timings of each candidate module at each token count (cached entries are not re-measured)."""
-    out: dict[int, dict[str, FormTiming]] = {}
-    missing = []
-    for t in token_counts:
-        entries = {c: cache.entries.get(key(c, t)) if cache else None for c in builders}
-        if remeasure or any(e is None for e in entries.values()):
-            missing.append(t)
-        else:
-            out[t] = {c: FormTiming(**e) for c, e in entries.items()}  # type: ignore[arg-type]
-    if not missing:
-        return out
-    llc = _last_level_cache_bytes(device)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    modules: dict[str, list[nn.Module]] = {}
-    for cand, build in builders.items():
-        proto = build()
-        nbytes = sum(p.numel() * p.element_size() for p in proto.parameters())
-        copies = max(1, min(64, math.ceil(2 * llc / max(nbytes, 1))))
-        modules[cand] = [proto] + [build() for _ in range(copies - 1)]
-    for t in missing:
-        x = torch.randn(1, t, in_features, generator=gen).to(device=device, dtype=dtype)
-        out[t] = time_forms(modules, x, device, blocks=blocks)
-        if cache is not None:
-            for cand, timing in out[t].items():
-                cache.entries[key(cand, t)] = asdict(timing)
-    return dict(sorted(out.items()))
-
-
-def _layout_suffix(layouts: dict[str, Layout] | None) -> str:
-    if not layouts or all(v == "row" for v in layouts.values()):
-        return ""
-    return ":L" + "".join(f"{k[0]}{v[0]}" for k, v in sorted(layouts.items()))
-
-
-def benchmark_shape(shape: FactorizedShape, token_counts: Sequence[int], device: torch.device,
-                    dtype: torch.dtype, cache: TimingCache | None = None, blocks: int = 7,
-                    remeasure: bool = False, layouts: dict[str, dict[str, Layout]] | None = None
-                    ) -> dict[int, dict[str, FormTiming]]:
-    """Timings of every candidate form of ``shape`` at each token count (from the cache when present).
-
-    ``layouts`` (form -> factor -> layout) stores the factorized forms' factors as given; dense is always an
-    ordinary ``nn.Linear`` (the baseline's own layout).
-    """
-    layouts = layouts or {}
-
-    def builder(form: str, form_shape: FactorizedShape | None) -> Callable[[], nn.Module]:
-        def build() -> nn.Module:
-            module = _build(shape, form_shape, dtype, device)
-            if isinstance(module, FactorizedLinear) and layouts.get(form):
-                module.set_layouts(layouts[form])
-            return module
-        return build
-
-    builders = {form: builder(form, fs) for form, fs in shape_forms(shape).items()}
-    return _timed_candidates(builders, lambda f, t: _entry_key(shape, f, t) + _layout_suffix(layouts.get(f)),
-                             shape.in_features, token_counts, device, dtype, cache, blocks, remeasure)
-
-
-def benchmark_matrix(out_features: int, in_features: int, token_counts: Sequence[int], device: torch.device,
-                     dtype: torch.dtype, cache: TimingCache | None = None, blocks: int = 7,
-                     remeasure: bool = False) -> dict[int, dict[str, FormTiming]]:
-    """Timings of one bias-free (out × in) matmul stored row-wise vs column-wise (see ``relayout_``)."""
-    def builder(layout: Layout) -> Callable[[], nn.Module]:
-        def build() -> nn.Module:
-            linear = nn.Linear(in_features, out_features, bias=False, dtype=dtype, device=device)
-            relayout_(linear, layout)
-            return linear
-        return build
-
-    return _timed_candidates({lay: builder(lay) for lay in LAYOUTS},
-                             lambda lay, t: f"matrix:{out_features}x{in_features}:{lay}@{t}", in_features,
-                             token_counts, device, dtype, cache, blocks, remeasure)
-
-
-def choose_layout(timings: dict[int, dict[str, FormTiming]], margin: float = 0.03) -> Layout:
-    """``col`` when it beats ``row`` by more than ``margin`` at some token count and is slower at none by more
-    than the measurement resolves (the larger of ``margin`` and the blocks' median/min spread); else ``row``."""
-    never_slower, faster = True, False
-    for row in timings.values():
-        ratio = row["col"].min_us / row["row"].min_us
-        noise = max(row[lay].median_us / row[lay].min_us - 1.0 for lay in LAYOUTS)
-        never_slower = never_slower and ratio <= 1.0 + max(margin, noise)
-        faster = faster or ratio < 1.0 - margin
-    return "col" if never_slower and faster else "row"
-
-
-def shape_layouts(shape: FactorizedShape, token_counts: Sequence[int], device: torch.device, dtype: torch.dtype,
-                  cache: TimingCache | None = None, blocks: int = 7, remeasure: bool = False,
-                  margin: float = 0.03) -> dict[str, dict[str, Layout]]:
-    """The measured best layout of every factor of every factorized candidate form of ``shape``.
-
-    The forms share factor matrices (both forms of a Tucker shape have the same ``first``): each distinct
-    matrix is measured once, also when no timing cache is used.
-    """
-    chosen: dict[tuple[int, int], Layout] = {}
-    out: dict[str, dict[str, Layout]] = {}
-    for form, fs in shape_forms(shape).items():
-        if fs is None:
-            continue
-        out[form] = {}
-        for name, (o, i) in fs.factor_shapes.items():
-            if (o, i) not in chosen:
-                timings = benchmark_matrix(o, i, token_counts, device, dtype, cache, blocks, remeasure)
-                chosen[o, i] = choose_layout(timings, margin)
-            out[form][name] = chosen[o, i]
-    return out
-
-
-def choose_form(timings: dict[int, dict[str, FormTiming]], margin: float = 0.03,
-                params: dict[str, int] | None = None) -> tuple[str, dict[str, float], float]:
-    """The form to execute: (form, worst-case time ratio to dense per form, the noise allowance used).
-
-    Among the factorized forms, the one with the lowest worst-case ratio (over token counts) of its time to
-    dense time wins, and among forms within ``margin`` of that, the one with the fewest ``params``. It is
-    kept unless dense beats it somewhere by more than the larger of ``margin`` and the measurement's own
-    noise there (median/min - 1 of the blocks). Within the noise the form with fewer bytes is kept: the
-    end-to-end guard is what settles the whole model.
-    """
-    forms = [f for f in next(iter(timings.values())) if f != "dense"]
-    scores = {f: max(timings[t][f].min_us / timings[t]["dense"].min_us for t in timings) for f in forms}
-    scores["dense"] = 1.0
-    if not forms:
-        return "dense", scores, margin
-    fastest = min(scores[f] for f in forms)
-    close = [f for f in forms if scores[f] <= fastest * (1.0 + margin)]
-    best = min(close, key=lambda f: ((params or {}).get(f, 0), scores[f], FORMS.index(f)))
-    allowance = margin
-    for row in timings.values():
-        noise = max(row[f].median_us / row[f].min_us - 1.0 for f in (best, "dense"))
-        allowance_t = max(margin, noise)
-        allowance = max(allowance, allowance_t)
-        if row[best].min_us / row["dense"].min_us > 1.0 + allowance_t:
-            return "dense", scores, allowance_t
-    return best, scores, allowance
-
-
-def form_params(shape: FactorizedShape) -> dict[str, int]:
-    """Parameters of each candidate form of ``shape``."""
-    dense = shape.in_features * shape.out_features + (shape.out_features if shape.bias else 0)
-    return {f: (s.params if s is not None else dense) for f, s in shape_forms(shape).items()}
 
 
 # --- the report -----------------------------------------------------------------------------------------
@@ -473,36 +203,48 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     return p.dtype, p.device
 
 
-def _describe(form: str, scores: dict[str, float], timings: dict[int, dict[str, FormTiming]],
-              allowance: float, layouts: dict[str, Layout] | None = None) -> str:
-    if form == "dense":
-        worst = ", ".join(f"{f} up to {s:.2f}x dense time" for f, s in scores.items() if f != "dense")
-        return f"dense: faster beyond noise ({100 * allowance:.0f}%) ({worst})"
-    speed = ", ".join(f"{timings[t]['dense'].min_us / timings[t][form].min_us:.2f}x@{t}" for t in timings)
-    lay = "" if not layouts else "; layouts " + "/".join(f"{k}:{v}" for k, v in layouts.items())
-    return f"{form}: {speed} vs dense (worst-case time ratio {scores[form]:.2f}; block noise up to " \
-           f"{100 * allowance:.0f}%{lay})"
-
-
-def choose_execution(model: nn.Module, device: str | torch.device | None = None,
-                     dtype: str | torch.dtype | None = None, *, token_counts: Sequence[int] = DEFAULT_TOKENS,
-                     guard: bool = False, reference: nn.Module | None = None, guard_batch_sizes: Sequence[int] = (1,),
-                     guard_context: int = 64, guard_tokens: int = 8, guard_repeats: int = 5,
-                     guard_tolerance: float = 0.02, blocks: int = 7, margin: float = 0.03,
-                     remeasure: bool = False, layouts: bool = True,
-                     use_cache: bool = True, progress: Callable[[int, int], None] | None = None
-                     ) -> ExecutionReport:
-    """Convert every factorized target of ``model`` in place to its fastest measured form; report why.
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """How :func:`choose_execution` measures and decides (defaults sized for a 2-core CPU).
 
     ``device``/``dtype`` default to the model's own and must match it (timings are only valid there).
-    ``guard=True`` also times end-to-end decode (batch sizes ``guard_batch_sizes``) against ``reference``
-    (default: a deep copy with every factorized layer merged, which has the dense model's shapes) and merges
-    the least useful factorized targets, half of the remaining ones per round, until the model is within
-    ``guard_tolerance`` (or the runs' own spread, if larger) of dense or nothing factorized is left.
+    ``guard=True`` also times end-to-end decode (batch sizes ``guard_batch_sizes``) against the reference
+    and merges the least useful factorized targets, half of the remaining ones per round, until the model is
+    within ``guard_tolerance`` (or the runs' own spread, if larger) of dense or nothing factorized is left.
     ``layouts=True`` also picks, per factor, the faster of the row-major (out, in) and column-major storage
     by timing each factor's matrix shape (:func:`shape_layouts`); forms are then timed in those layouts.
-    The report is also attached to the model as ``model._rankwise_execution`` (for savers and tools).
     """
+
+    device: str | None = None
+    dtype: str | None = None
+    token_counts: tuple[int, ...] = DEFAULT_TOKENS
+    guard: bool = False
+    guard_batch_sizes: tuple[int, ...] = (1,)
+    guard_context: int = 64
+    guard_tokens: int = 8
+    guard_repeats: int = 5
+    guard_tolerance: float = 0.02
+    blocks: int = 7
+    margin: float = 0.03
+    remeasure: bool = False
+    layouts: bool = True
+    use_cache: bool = True
+
+
+def choose_execution(model: nn.Module, config: ExecutionConfig | None = None, *,
+                     reference: nn.Module | None = None, progress: Callable[[int, int], None] | None = None,
+                     **settings: Any) -> ExecutionReport:
+    """Convert every factorized target of ``model`` in place to its fastest measured form; report why.
+
+    ``config`` says how to measure (:class:`ExecutionConfig`); keyword ``settings`` override its fields
+    (``choose_execution(model, guard=True)``). ``reference`` is the guard's dense model (default: a deep copy
+    with every factorized layer merged, which has the dense model's shapes). The report is also attached to
+    the model as ``model._rankwise_execution`` (for savers and tools).
+    """
+    config = replace(config or ExecutionConfig(), **settings)
+    device, dtype, token_counts, guard = config.device, config.dtype, config.token_counts, config.guard
+    blocks, margin, remeasure, layouts = config.blocks, config.margin, config.remeasure, config.layouts
+    guard_tolerance = config.guard_tolerance
     from rankwise.models import parse_dtype
 
     t_start = time.perf_counter()
@@ -515,7 +257,7 @@ def choose_execution(model: nn.Module, device: str | torch.device | None = None,
         raise RankwiseError(f"the model is {str(model_dtype).removeprefix('torch.')} on {model_device}, not "
                             f"{str(want).removeprefix('torch.')} on {dev}: move/convert it first")
     threads = torch.get_num_threads()
-    cache = TimingCache.for_device(dev, want, threads) if use_cache else None
+    cache = TimingCache.for_device(dev, want, threads) if config.use_cache else None
     adapter = adapter_for(model)
     kept = _kept_dense_reasons(model)
     params_before = _params(model)
@@ -567,8 +309,9 @@ def choose_execution(model: nn.Module, device: str | torch.device | None = None,
                              threads=threads, cache_file=str(cache.path) if cache else "", token_counts=tokens,
                              targets=choices, guard_tolerance=guard_tolerance, params_before=params_before)
     if guard:
-        report.guard = decode_guard(model, choices, reference, dev, guard_batch_sizes, guard_context,
-                                    guard_tokens, guard_repeats, guard_tolerance)
+        report.guard = decode_guard(model, choices, reference, dev, config.guard_batch_sizes,
+                                    config.guard_context, config.guard_tokens, config.guard_repeats,
+                                    guard_tolerance)
     report.params_after = _params(model)
     report.seconds = time.perf_counter() - t_start
     setattr(model, EXECUTION_ATTR, report)
@@ -577,12 +320,7 @@ def choose_execution(model: nn.Module, device: str | torch.device | None = None,
 
 def merged_copy(model: nn.Module) -> nn.Module:
     """A deep copy with every factorized layer merged: the dense model's shapes (its speed, not its weights)."""
-    ref = copy.deepcopy(model)
-    for name, module in list(ref.named_modules()):
-        if name and is_factorized(module):
-            parent_name, _, attr = name.rpartition(".")
-            setattr(ref.get_submodule(parent_name) if parent_name else ref, attr, module.merge())
-    return ref
+    return merge_factorized_(copy.deepcopy(model))
 
 
 def decode_guard(model: nn.Module, choices: list[TargetChoice], reference: nn.Module | None,
