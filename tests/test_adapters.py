@@ -1,4 +1,7 @@
-"""Architecture adapters for both bundled models and the generic fallback."""
+"""Architecture adapters: both bundled models by structure, the generic fallback, replacement, plug-ins.
+
+tests/test_architectures.py covers 15 families end to end; this file checks the real bundled models.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,13 @@ import pytest
 from torch import nn
 from transformers import OPTConfig, OPTForCausalLM
 
-from rankwise.models.adapters import BertAdapter, GenericAdapter, LlamaAdapter, adapter_for
+from rankwise.models.adapters import (
+    ArchitectureAdapter,
+    GenericAdapter,
+    LayoutAdapter,
+    adapter_for,
+    register_adapter,
+)
 
 LLAMA_SHAPES = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576),
                 "gate": (1536, 576), "up": (1536, 576), "down": (576, 1536)}
@@ -14,7 +23,7 @@ LLAMA_SHAPES = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 57
 
 def test_llama_adapter_on_smollm(smollm):
     adapter = adapter_for(smollm.model)
-    assert isinstance(adapter, LlamaAdapter)
+    assert isinstance(adapter, LayoutAdapter) and adapter.blocks_path == "model.layers"
     targets = adapter.targets()
     assert len(targets) == 30 * 7
     assert adapter.roles == ("q", "k", "v", "o", "gate", "up", "down")
@@ -26,7 +35,7 @@ def test_llama_adapter_on_smollm(smollm):
 
 def test_bert_adapter_on_minilm(minilm):
     adapter = adapter_for(minilm.model)
-    assert isinstance(adapter, BertAdapter)
+    assert isinstance(adapter, LayoutAdapter) and adapter.blocks_path == "encoder.layer"
     targets = adapter.targets()
     assert len(targets) == 6 * 6
     shapes = {t.role: t.shape for t in targets}
@@ -42,25 +51,44 @@ def _tiny_opt() -> OPTForCausalLM:
     return OPTForCausalLM(cfg)
 
 
-def test_generic_fallback_on_family_without_adapter():
+def test_family_without_any_adapter_code_gets_canonical_roles():
+    """OPT (fc1/fc2, out_proj) is named nowhere in rankwise: its roles come from what its blocks contain."""
     model = _tiny_opt()
     adapter = adapter_for(model)
-    assert isinstance(adapter, GenericAdapter)  # OPT has no registered adapter
+    assert isinstance(adapter, LayoutAdapter)
     assert adapter.blocks_path == "model.decoder.layers" and adapter.n_layers == 3
-    assert set(adapter.roles) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                  "self_attn.out_proj", "fc1", "fc2"}
-    groups = adapter.role_groups()
-    assert set(groups["mlp"]) == {"fc1", "fc2"} and len(groups["attn"]) == 4
+    assert adapter.roles == ("q", "k", "v", "o", "up", "down")
+    assert adapter.role_groups()["mlp"] == ("up", "down")
     t = {x.role: x for x in adapter.targets() if x.layer == 1}
-    assert t["fc1"].shape == (64, 32) and t["fc2"].shape == (32, 64)
+    assert t["up"].shape == (64, 32) and t["down"].shape == (32, 64)
+    assert t["o"].name == "model.decoder.layers.1.self_attn.out_proj"
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mixer = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))
+        self.readout = nn.Linear(8, 4)
+
+
+def test_generic_fallback_on_unknown_layout():
+    model = nn.Module()
+    model.trunk = nn.ModuleList(_Block() for _ in range(2))
+    model.heads = nn.ModuleList(_Block() for _ in range(4))  # the longest identical list wins
+    adapter = adapter_for(model)
+    assert isinstance(adapter, GenericAdapter)
+    assert adapter.blocks_path == "heads" and adapter.n_layers == 4
+    assert adapter.roles == ("mixer.0", "mixer.2", "readout")
+    assert adapter.role_groups()["attn"] == ()
+    assert adapter.layer_of("heads.3.readout.weight") == 3 and adapter.layer_of("trunk.0.readout.weight") is None
 
 
 def test_replace_swaps_through_parent():
     model = _tiny_opt()
     adapter = adapter_for(model)
     new = nn.Linear(32, 64)
-    old = adapter.replace(2, "fc1", new)
-    assert isinstance(old, nn.Linear) and adapter.linear(2, "fc1") is new
+    old = adapter.replace(2, "up", new)
+    assert isinstance(old, nn.Linear) and adapter.linear(2, "up") is new
     assert model.model.decoder.layers[2].fc1 is new
 
 
@@ -69,3 +97,32 @@ def test_unknown_structure_is_a_clear_error():
 
     with pytest.raises(PlanError, match="no list of blocks"):
         adapter_for(nn.Sequential(nn.ReLU()))
+
+
+def test_registered_adapter_wins_over_structure():
+    class Renamed(ArchitectureAdapter):
+        model_types = ("opt",)
+        block_paths = ("model.decoder.layers",)
+        role_paths = {"first": "fc1", "second": "fc2"}  # noqa: RUF012
+
+    from rankwise.models import adapters
+
+    register_adapter(Renamed)
+    try:
+        adapter = adapter_for(_tiny_opt())
+        assert isinstance(adapter, Renamed) and adapter.roles == ("first", "second")
+    finally:
+        del adapters._REGISTRY["opt"]
+
+
+def test_missing_role_in_a_layer_is_a_plan_error():
+    from transformers import T5Config, T5Model
+
+    from rankwise.errors import PlanError
+
+    model = T5Model(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4))
+    adapter = adapter_for(model)
+    assert adapter.stacks == (("encoder.block", 0), ("decoder.block", 1))
+    assert "cross_q" not in adapter.roles_of(0) and "cross_q" in adapter.roles_of(1)
+    with pytest.raises(PlanError, match="layer 0 has no cross_q"):
+        adapter.linear(0, "cross_q")

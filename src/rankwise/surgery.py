@@ -24,6 +24,7 @@ three-factor, r(m+n) > mn two-factor) is kept dense and the report says why, unl
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterator, Mapping
@@ -102,7 +103,7 @@ def resolve_targets(model: nn.Module, plan: Plan) -> tuple[ArchitectureAdapter, 
 def check_weights(adapter: ArchitectureAdapter, chosen: list[tuple[TargetInfo, DecompSpec]]) -> None:
     """NaN/Inf in any planned weight is a DecompositionError before any module is replaced."""
     for info, spec in chosen:
-        check_weight(adapter.linear(info.layer, info.role).weight, f"{spec.method} on {info.name}")
+        check_weight(adapter.weight(info.layer, info.role), f"{spec.method} on {info.name}")
 
 
 def stats_request(chosen: list[tuple[TargetInfo, DecompSpec]],
@@ -198,7 +199,11 @@ def _decompose_target(adapter: ArchitectureAdapter, info: TargetInfo, spec: Deco
     module = adapter.linear(info.layer, info.role)
     # A fresh (64-byte aligned) copy: BLAS sums in an alignment-dependent order, and weights memory-mapped
     # from safetensors sit at arbitrary offsets; copying makes the factors independent of where W lives.
-    weight = module.weight.detach().clone()
+    # adapter.weight is (out, in) for every module kind (a transposed view of a Conv1D's (in, out) weight).
+    weight = adapter.weight(info.layer, info.role).detach().clone(memory_format=torch.contiguous_format)
+    if stats is not None and stats.fisher is not None and stats.fisher.dim() == 2 \
+            and adapter.is_transposed(info.layer, info.role):
+        stats = dataclasses.replace(stats, fisher=stats.fisher.T)  # Conv1D gradients are (in, out) too
     m, n = info.out_features, info.in_features
     bias_params = m if info.bias else 0
     fold_this = fold_mode is True or (fold_mode == "auto" and method.form != "tucker")

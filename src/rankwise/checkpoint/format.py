@@ -24,18 +24,14 @@ from typing import Any
 from torch import nn
 
 from rankwise.layers.factorized import FactorizedLinear, FactorizedShape
+from rankwise.layers.modules import is_factorized
+from rankwise.models.layouts import projection_shape
 
 QUANT_METHOD = "rankwise"
 FORMAT_VERSION = 1
 MODELING_FILE = "modeling_rankwise.py"
 REPORT_FILE = "decomposition_report.json"
 _SHAPE_KEYS = ("in_features", "out_features", "rank_out", "rank_in", "form", "bias")
-
-
-def is_factorized(module: nn.Module) -> bool:
-    """A factorized layer: rankwise's own, or the self-contained copy remote-code checkpoints define."""
-    return isinstance(module, FactorizedLinear) or (
-        type(module).__name__ == "FactorizedLinear" and hasattr(module, "first") and hasattr(module, "last"))
 
 
 def shape_dict(module: nn.Module) -> dict[str, Any]:
@@ -66,8 +62,9 @@ def inject_factorized(model: nn.Module, modules: dict[str, dict[str, Any]]) -> N
         if is_factorized(old):
             continue
         shape = FactorizedShape(**{k: data[k] for k in _SHAPE_KEYS})
-        if (old.in_features, old.out_features) != (shape.in_features, shape.out_features):
-            raise ValueError(f"rankwise checkpoint: {name} is {old.out_features}x{old.in_features} in the model "
+        out_features, in_features = projection_shape(old)  # a Conv1D (GPT-2) stores (in, out)
+        if (in_features, out_features) != (shape.in_features, shape.out_features):
+            raise ValueError(f"rankwise checkpoint: {name} is {out_features}x{in_features} in the model "
                              f"but {shape.out_features}x{shape.in_features} in the checkpoint")
         setattr(parent, attr, FactorizedLinear(shape, dtype=old.weight.dtype, device=old.weight.device))
 

@@ -51,6 +51,15 @@ class FactorizedLinear(nn.Module):
             h = nn.functional.linear(h, self.core.weight)
         return nn.functional.linear(h, self.last.weight, self.last.bias)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense equivalent, for model code that reads ``.weight`` (T5 checks its MLP's dtype this way)."""
+        return self.dense_weight()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.last.bias
+
     def dense_weight(self) -> torch.Tensor:
         with torch.no_grad():
             work = torch.promote_types(self.first.weight.dtype, torch.float32)
@@ -86,8 +95,10 @@ def inject_factorized(model: nn.Module, modules: dict[str, dict[str, Any]]) -> N
         old = getattr(parent, attr)
         if type(old).__name__ == "FactorizedLinear":
             continue
-        if (old.in_features, old.out_features) != (shape["in_features"], shape["out_features"]):
-            raise ValueError(f"rankwise checkpoint: {name} is {old.out_features}x{old.in_features} in the model "
+        # a transformers Conv1D (GPT-2) stores its weight as (in, out) and has no in_features/out_features
+        n_in, n_out = tuple(old.weight.shape) if hasattr(old, "nf") else (old.in_features, old.out_features)
+        if (n_in, n_out) != (shape["in_features"], shape["out_features"]):
+            raise ValueError(f"rankwise checkpoint: {name} is {n_out}x{n_in} in the model "
                              f"but {shape['out_features']}x{shape['in_features']} in the checkpoint")
         setattr(parent, attr, FactorizedLinear(**shape, dtype=old.weight.dtype, device=old.weight.device))
 

@@ -139,13 +139,7 @@ def _module_roles(model: nn.Module, adapter: ArchitectureAdapter | None) -> dict
 
 
 def _layer_of(name: str, adapter: ArchitectureAdapter | None) -> int | None:
-    if adapter is None:
-        return None
-    prefix = adapter.blocks_path + "."
-    if not name.startswith(prefix):
-        return None
-    head = name[len(prefix):].split(".", 1)[0]
-    return int(head) if head.isdigit() else None
+    return adapter.layer_of(name) if adapter is not None else None
 
 
 def _classify(param_name: str, module: nn.Module, roles: dict[str, tuple[int | None, str]],

@@ -1,11 +1,30 @@
-"""Architecture adapters: a model family's modules in the paper's vocabulary.
+"""Architecture adapters: a model's modules in the paper's vocabulary, found by structure.
 
-An adapter says where a model's blocks are (indexed 0..L-1) and which ``nn.Linear`` plays each *role*
-in a block (``q, k, v, o, gate, up, down`` for Llama-style decoders; ``q, k, v, o, up, down`` for the
-BERT family). Everything else in rankwise (plans, decomposition, accounting) speaks in (layer, role) and
-asks the adapter for the module, so supporting a new family is a few lines here, and a family with no
-adapter still works through :class:`GenericAdapter`, whose roles are the modules' own names.
-Adapters are chosen by ``config.model_type`` via :func:`adapter_for`, never by string tests elsewhere.
+An adapter says where a model's blocks are and which projection plays each *role* in a block. Everything
+else in rankwise (plans, decomposition, accounting) speaks in (layer, role) and asks the adapter for the
+module, so no other code knows module names.
+
+How a model is read (:func:`adapter_for`), with no list of model types:
+
+1. :class:`LayoutAdapter` - the standard layouts. Every ``nn.ModuleList`` whose elements are all blocks of
+   a standard layout (:func:`rankwise.models.layouts.block_roles`: the one table of module-name patterns)
+   is a *stack*; roles are canonical (``q, k, v, o, gate, up, down``; ``qkv``/``gate_up`` for fused
+   projections; ``cross_q…cross_o`` for cross-attention; the BERT family reads as ``q, k, v, o, up, down``).
+2. :class:`GenericAdapter` - anything else: the longest list of identical blocks that contain projections,
+   with the projections' own dotted paths as roles (``self_attn.k_proj``, ``fc1``, ...).
+
+A model-type-specific adapter can still be plugged in with :func:`register_adapter` (it wins over both).
+
+**Layer numbering.** Layers are numbered 0..L-1 across all stacks in the order the model registers them:
+a decoder-only or encoder-only model has one stack (its layers as transformers numbers them); an
+encoder-decoder model (T5, BART) numbers its encoder blocks 0..E-1 and its decoder blocks E..E+D-1. A
+role a block does not have (cross-attention in an encoder block) is simply not a target of that layer.
+
+**Fused projections** (``qkv``, ``gate_up``) are one matrix and are decomposed as one matrix; splitting them
+per role (separate ranks for q, k and v) is not supported.
+
+**Transposed weights.** GPT-2's ``Conv1D`` stores its weight as (in, out); :meth:`ArchitectureAdapter.weight`
+always returns the (out, in) matrix, and :class:`TargetInfo` always gives (out_features, in_features).
 """
 
 from __future__ import annotations
@@ -14,11 +33,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from rankwise.errors import PlanError
+from rankwise.models.layouts import (
+    ATTENTION_ROLES,
+    ROLE_ORDER,
+    block_roles,
+    is_transposed,
+    projection_shape,
+    projections,
+    weight_matrix,
+)
 
-#: The role groups a plan can name: ``tensors: [attn]`` or ``[mlp]``.
+#: The self-attention roles of the paper's Llama-style decoders (``tensors: [q, k, v, o]``).
 ATTN_ROLES = ("q", "k", "v", "o")
 
 
@@ -42,38 +71,77 @@ class TargetInfo:
         return self.out_features * self.in_features
 
 
+@dataclass(frozen=True)
+class Layer:
+    """One block: its dotted path in the model, the module, and role -> projection path inside it."""
+
+    path: str
+    block: nn.Module
+    roles: dict[str, str]
+
+
 class ArchitectureAdapter:
-    """Maps one model family onto (layer, role). Subclasses set ``model_types``, ``block_paths``, ``roles``."""
+    """Maps a model onto (layer, role).
+
+    Subclasses either override :meth:`_discover` (as the structural adapters do) or, for a hand-written
+    adapter registered with :func:`register_adapter`, set ``model_types``, ``block_paths`` (where the
+    ``ModuleList`` of blocks may live, tried in order) and ``role_paths`` (role -> path inside a block).
+    """
 
     model_types: tuple[str, ...] = ()
-    #: Dotted paths (from the top model) where the ModuleList of blocks may live, tried in order.
     block_paths: tuple[str, ...] = ()
-    #: role -> dotted path of the Linear inside one block, in the paper's order.
     role_paths: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.blocks_path, self._blocks = self._find_blocks(model)
+        self._layers: list[Layer] = self._discover(model)
+        if not self._layers:
+            raise PlanError(f"{type(model).__name__}: found no list of blocks with projections")
+        #: (stack path, index of its first layer), in layer order.
+        self.stacks: tuple[tuple[str, int], ...] = _stacks_of(self._layers)
+        seen: dict[str, None] = {}
+        for layer in self._layers:
+            seen.update(dict.fromkeys(layer.roles))
+        rank = {role: i for i, role in enumerate(ROLE_ORDER)}
+        self._roles = tuple(sorted(seen, key=lambda r: rank.get(r, len(rank))))  # stable: extras keep their order
 
     # --- blocks -------------------------------------------------------------------------------------------
-    def _find_blocks(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
+    def _discover(self, model: nn.Module) -> list[Layer]:
         for path in self.block_paths:
             module = _get(model, path)
             if isinstance(module, nn.ModuleList):
-                return path, module
+                return [Layer(f"{path}.{i}", block, dict(self.role_paths)) for i, block in enumerate(module)]
         raise PlanError(f"{type(self).__name__}: no block list at {', '.join(self.block_paths)}")
 
     @property
     def n_layers(self) -> int:
-        return len(self._blocks)
+        return len(self._layers)
+
+    @property
+    def blocks_path(self) -> str:
+        """The path of the (first) stack of blocks, e.g. ``model.layers``."""
+        return self.stacks[0][0]
 
     def block(self, layer: int) -> nn.Module:
-        return self._blocks[layer]
+        return self._layers[layer].block
+
+    def layer_of(self, name: str) -> int | None:
+        """The layer a dotted module or parameter name belongs to (None: outside every block)."""
+        for path, first in self.stacks:
+            if name.startswith(path + "."):
+                head = name[len(path) + 1:].split(".", 1)[0]
+                return first + int(head) if head.isdigit() else None
+        return None
 
     # --- roles --------------------------------------------------------------------------------------------
     @property
     def roles(self) -> tuple[str, ...]:
-        return tuple(self.role_paths)
+        """Every role of the model (the union over its blocks), in the paper's order."""
+        return self._roles
+
+    def roles_of(self, layer: int) -> tuple[str, ...]:
+        """The roles block ``layer`` has (an encoder block of an encoder-decoder model has no ``cross_*``)."""
+        return tuple(r for r in self.roles if r in self._layers[layer].roles)
 
     def role_groups(self) -> dict[str, tuple[str, ...]]:
         """Named groups of roles a plan may use: ``attn``, ``mlp`` and ``all``."""
@@ -82,18 +150,34 @@ class ArchitectureAdapter:
         return {"attn": attn, "mlp": mlp, "all": self.roles}
 
     def is_attention(self, role: str) -> bool:
-        return role in ATTN_ROLES
+        lowered = role.lower()
+        return (role in ATTENTION_ROLES or "attn" in lowered or "attention" in lowered
+                or role.rsplit(".", 1)[-1] in ATTN_ROLES)
+
+    def _path(self, layer: int, role: str) -> str:
+        try:
+            return self._layers[layer].roles[role]
+        except KeyError:
+            raise PlanError(f"layer {layer} has no {role} (its roles: {', '.join(self.roles_of(layer))})") from None
 
     def module_name(self, layer: int, role: str) -> str:
-        return f"{self.blocks_path}.{layer}.{self.role_paths[role]}"
+        return f"{self._layers[layer].path}.{self._path(layer, role)}"
 
     def linear(self, layer: int, role: str) -> nn.Module:
-        """The module currently at (layer, role): an ``nn.Linear`` or an already-factorized layer."""
-        return _get(self.block(layer), self.role_paths[role])
+        """The module at (layer, role): an ``nn.Linear``, a ``Conv1D`` or an already-factorized layer."""
+        return _get(self.block(layer), self._path(layer, role))
+
+    def weight(self, layer: int, role: str) -> torch.Tensor:
+        """The weight at (layer, role) as an (out_features, in_features) matrix (a view for ``Conv1D``)."""
+        return weight_matrix(self.linear(layer, role))
+
+    def is_transposed(self, layer: int, role: str) -> bool:
+        """Whether the module stores its weight as (in, out) (``Conv1D``): its gradients are transposed too."""
+        return is_transposed(self.linear(layer, role))
 
     def replace(self, layer: int, role: str, new: nn.Module) -> nn.Module:
         """Swap the module at (layer, role) through its parent (PEFT-style injection); returns the old one."""
-        parent_path, _, attr = self.role_paths[role].rpartition(".")
+        parent_path, _, attr = self._path(layer, role).rpartition(".")
         parent = _get(self.block(layer), parent_path) if parent_path else self.block(layer)
         old = getattr(parent, attr)
         setattr(parent, attr, new)
@@ -103,84 +187,62 @@ class ArchitectureAdapter:
         """Every (layer, role) of the model with its shape, in layer-major, paper role order."""
         out = []
         for layer in range(self.n_layers):
-            for role in self.roles:
+            for role in self.roles_of(layer):
                 mod = self.linear(layer, role)
-                out.append(
-                    TargetInfo(
-                        layer=layer,
-                        role=role,
-                        name=self.module_name(layer, role),
-                        out_features=int(mod.out_features),
-                        in_features=int(mod.in_features),
-                        bias=getattr(mod, "bias", None) is not None,
-                    )
-                )
+                out_features, in_features = projection_shape(mod)
+                out.append(TargetInfo(layer=layer, role=role, name=self.module_name(layer, role),
+                                      out_features=out_features, in_features=in_features,
+                                      bias=getattr(mod, "bias", None) is not None))
         return out
 
 
-class LlamaAdapter(ArchitectureAdapter):
-    """Llama and the decoder families that share its module names (Mistral, Qwen2/3, Gemma, GQA models)."""
+class LayoutAdapter(ArchitectureAdapter):
+    """Standard layouts, recognised by what their blocks contain (see the module docstring)."""
 
-    model_types = ("llama", "mistral", "mixtral_dense", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2",
-                   "smollm3", "granite", "cohere", "starcoder2_llama")
-    block_paths = ("model.layers", "model.model.layers", "layers")
-    role_paths: ClassVar[dict[str, str]] = {
-        "q": "self_attn.q_proj",
-        "k": "self_attn.k_proj",
-        "v": "self_attn.v_proj",
-        "o": "self_attn.o_proj",
-        "gate": "mlp.gate_proj",
-        "up": "mlp.up_proj",
-        "down": "mlp.down_proj",
-    }
-
-
-class BertAdapter(ArchitectureAdapter):
-    """BERT family encoders: query, key, value, attention output, intermediate, output."""
-
-    model_types = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
-    block_paths = ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer", "electra.encoder.layer")
-    role_paths: ClassVar[dict[str, str]] = {
-        "q": "attention.self.query",
-        "k": "attention.self.key",
-        "v": "attention.self.value",
-        "o": "attention.output.dense",
-        "up": "intermediate.dense",
-        "down": "output.dense",
-    }
+    def _discover(self, model: nn.Module) -> list[Layer]:
+        layers: list[Layer] = []
+        stacks: list[str] = []
+        for name, module in model.named_modules():
+            if not isinstance(module, nn.ModuleList) or len(module) == 0 or not name:
+                continue
+            if any(name.startswith(s + ".") for s in stacks):
+                continue  # a list inside a block (T5's per-block ``layer`` list): part of that block
+            found = [block_roles(block) for block in module]
+            if all(roles is not None for roles in found):
+                stacks.append(name)
+                layers += [Layer(f"{name}.{i}", block, roles)  # type: ignore[arg-type]
+                           for i, (block, roles) in enumerate(zip(module, found, strict=True))]
+        return layers
 
 
 class GenericAdapter(ArchitectureAdapter):
-    """Any model: the blocks are the longest ModuleList of identical modules; roles are the Linears' names.
+    """Any model: the blocks are the longest ModuleList of identical modules; roles are the projections' paths.
 
-    This is what makes a new family work without new code: roles are the relative names inside a block
+    This is what makes an unknown layout work without new code: roles are the relative names inside a block
     (e.g. ``self_attn.k_proj``, ``fc1``). A role counts as attention if its name mentions attention.
     """
 
-    def _find_blocks(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
+    def _discover(self, model: nn.Module) -> list[Layer]:
         best: tuple[str, nn.ModuleList] | None = None
         for name, module in model.named_modules():
             if not isinstance(module, nn.ModuleList) or len(module) == 0:
                 continue
-            if len({type(m) for m in module}) != 1 or not _linear_names(module[0]):
+            if len({type(m) for m in module}) != 1 or not any(True for _ in projections(module[0])):
                 continue
             if best is None or len(module) > len(best[1]):
                 best = (name, module)
         if best is None:
             raise PlanError(f"{type(model).__name__}: found no list of blocks with nn.Linear layers")
-        return best
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        self.role_paths = {name: name for name in _linear_names(self._blocks[0])}
-
-    def is_attention(self, role: str) -> bool:
-        lowered = role.lower()
-        return "attn" in lowered or "attention" in lowered or role.rsplit(".", 1)[-1] in ATTN_ROLES
+        path, blocks = best
+        roles = {p: p for p, _ in projections(blocks[0])}
+        return [Layer(f"{path}.{i}", block, roles) for i, block in enumerate(blocks)]
 
 
-def _linear_names(block: nn.Module) -> list[str]:
-    return [n for n, m in block.named_modules() if isinstance(m, nn.Linear) and n]
+def _stacks_of(layers: list[Layer]) -> tuple[tuple[str, int], ...]:
+    stacks: dict[str, int] = {}
+    for i, layer in enumerate(layers):
+        stacks.setdefault(layer.path.rpartition(".")[0], i)
+    return tuple(stacks.items())
 
 
 def _get(root: nn.Module, path: str) -> nn.Module | None:
@@ -196,21 +258,23 @@ _REGISTRY: dict[str, type[ArchitectureAdapter]] = {}
 
 
 def register_adapter(cls: type[ArchitectureAdapter]) -> type[ArchitectureAdapter]:
-    """Class decorator / function: make an adapter the one used for its ``model_types``."""
+    """Class decorator / function: make a hand-written adapter the one used for its ``model_types``."""
     for model_type in cls.model_types:
         _REGISTRY[model_type] = cls
     return cls
 
 
-for _cls in (LlamaAdapter, BertAdapter):
-    register_adapter(_cls)
-
-
 def adapter_for(model: nn.Module) -> ArchitectureAdapter:
-    """The adapter for a model, chosen by ``config.model_type``; the generic fallback when none is registered."""
+    """The model's adapter: a registered one for its ``config.model_type``, else by structure (standard layout,
+    then the generic fallback)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    cls: Callable[[nn.Module], ArchitectureAdapter] = _REGISTRY.get(model_type or "", GenericAdapter)
-    return cls(model)
+    registered: Callable[[nn.Module], ArchitectureAdapter] | None = _REGISTRY.get(model_type or "")
+    if registered is not None:
+        return registered(model)
+    try:
+        return LayoutAdapter(model)
+    except PlanError:
+        return GenericAdapter(model)
 
 
 def registered_model_types() -> Iterator[str]:

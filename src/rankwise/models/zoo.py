@@ -1,6 +1,7 @@
 """Loading any model rankwise can work on: a bundled alias, a Hugging Face id or folder, or a GGUF file.
 
-One entry point, :func:`load`, returns the model, its tokenizer and a :class:`ModelInfo`. GGUF files are
+One entry point, :func:`load`, returns the model, its tokenizer (optional: a folder of weights and config
+alone still loads, see :class:`MissingTokenizer`) and a :class:`ModelInfo`. GGUF files are
 dequantized by transformers (slow: about 25 s for SmolLM2-135M), so the converted model is cached once as
 an ordinary safetensors folder keyed by the GGUF file's content hash; later loads take a second or two.
 """
@@ -55,7 +56,11 @@ class ModelInfo:
 
 @dataclass
 class LoadedModel:
-    """A model with its tokenizer and description; unpacks as ``model, tokenizer, info``."""
+    """A model with its tokenizer and description; unpacks as ``model, tokenizer, info``.
+
+    ``tokenizer`` is a :class:`MissingTokenizer` (falsy; raises a clear error when used) when the model
+    comes without one: everything but evaluation and calibration works without text.
+    """
 
     model: torch.nn.Module
     tokenizer: Any
@@ -137,8 +142,14 @@ def _model_kind(config: Any, kind_hint: str | None) -> str:
         return "causal-lm"
     if archs:
         return "encoder"
-    return "encoder" if getattr(config, "model_type", "") in {"bert", "roberta", "xlm-roberta", "distilbert"} \
-        else "causal-lm"
+    # No declared architectures: ask transformers' own class mappings. The BERT family also has a causal-LM
+    # head class, so a family with a masked-LM class reads as an encoder.
+    from transformers.models.auto import modeling_auto
+
+    model_type = getattr(config, "model_type", "")
+    causal = model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return "causal-lm" if causal and model_type not in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES \
+        else "encoder"
 
 
 def _auto_classes(kind: str):
@@ -169,10 +180,7 @@ def _load_folder(folder: Path, name: str, source: str, dtype: torch.dtype, devic
         model = _auto_classes(kind).from_pretrained(folder, dtype=dtype, use_safetensors=True)
     except Exception as exc:  # transformers raises many types for corrupt or mismatched weights
         raise ModelLoadError(f"cannot load model from {folder}: {first_line(exc)}") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load the tokenizer from {folder}: {first_line(exc)}") from None
+    tokenizer = _optional_tokenizer(lambda: AutoTokenizer.from_pretrained(folder), str(folder), folder)
     return _finish(model, tokenizer, name=name, source=source, kind=kind, device=device)
 
 
@@ -193,10 +201,69 @@ def _load_hub(model_id: str, dtype: torch.dtype, device: str) -> LoadedModel:
     try:
         model = _auto_classes(kind).from_pretrained(model_id, dtype=dtype, use_safetensors=True,
                                                     local_files_only=offline)
-        tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=offline)
     except Exception as exc:
         raise ModelLoadError(f"cannot load model '{model_id}' from the Hub: {first_line(exc)}") from None
+    tokenizer = _optional_tokenizer(lambda: AutoTokenizer.from_pretrained(model_id, local_files_only=offline),
+                                    f"'{model_id}'", None)
     return _finish(model, tokenizer, name=model_id, source=f"hf:{model_id}", kind=kind, device=device)
+
+
+#: Files any transformers tokenizer is saved as; a folder with none of them has no tokenizer at all.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "merges.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+class MissingTokenizer:
+    """Stands in for the tokenizer of a model that has none (a folder of weights and config only).
+
+    Inspecting, decomposing and saving need no text, so loading such a model succeeds. What does need text
+    (evaluation, calibration of data-aware methods) fails on first use with a one-line
+    :class:`ModelLoadError` saying the model has no tokenizer, instead of an AttributeError deep inside a
+    scorer. It is falsy (``if tokenizer:`` reads it as absent) and ``save_pretrained`` writes nothing, so a
+    checkpoint of such a model has no tokenizer either.
+    """
+
+    def __init__(self, source: str, reason: str) -> None:
+        self._source = source
+        self._reason = reason
+
+    def error(self) -> ModelLoadError:
+        return ModelLoadError(f"{self._source} has no tokenizer ({self._reason}); evaluation and calibration "
+                              f"need text: add the tokenizer's files to the folder")
+
+    def __bool__(self) -> bool:
+        return False
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> tuple[str, ...]:
+        return ()  # nothing to save
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise self.error()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # copy, pickle and friends probe dunders: plain "not there"
+            raise AttributeError(name)
+        raise self.error()
+
+    def __repr__(self) -> str:
+        return f"MissingTokenizer({self._source!r}, {self._reason!r})"
+
+
+def _optional_tokenizer(load_it: Any, source: str, folder: Path | None) -> Any:
+    """The tokenizer ``load_it()`` returns, or a :class:`MissingTokenizer` saying why there is none.
+
+    A folder without tokenizer files is not even tried: for some families transformers would build an
+    empty tokenizer (special tokens only) from the config alone, which tokenizes every word as unknown.
+    """
+    if folder is not None and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        reason = "no tokenizer files in the folder"
+    else:
+        try:
+            return load_it()
+        except Exception as exc:  # transformers raises ValueError/OSError/... for missing or broken files
+            reason = f"cannot load it: {first_line(exc)}"
+    log.info("%s: loading without a tokenizer (%s)", source, reason)
+    return MissingTokenizer(source, reason)
 
 
 def _hub_reachable() -> bool:
