@@ -283,12 +283,3 @@ def paired_speedup(baseline_seconds: Sequence[float], model_seconds: Sequence[fl
     """
     pairs = [b / m for b, m in zip(baseline_seconds, model_seconds, strict=False) if m > 0]
     return statistics.median(pairs) if pairs else None
-
-
-def speedups_by_model(result: BenchResult, workloads: Sequence[str]) -> dict[str, dict[str, float | None]]:
-    """model -> workload -> measured speedup (for summaries)."""
-    out: dict[str, dict[str, float | None]] = {}
-    for r in result.rows:
-        if r.result.workload.name in workloads:
-            out.setdefault(r.model, {})[r.result.workload.name] = r.speedup
-    return out
