@@ -36,7 +36,9 @@ COMMAND_MODULES = (
     "rankwise.cli.decompose_cmd",
     "rankwise.cli.bench_cmd",
     "rankwise.cli.cache_cmd",
+    "rankwise.cli.allocate_cmd",
     "rankwise.cli.study_cmd",
+    "rankwise.cli.report_cmd",
 )
 
 
@@ -70,9 +72,19 @@ def run(argv: list[str] | None = None) -> None:
     Usage errors (unknown option, bad value) come from click; everything else a user can cause is a
     RankwiseError. Typer's boxed multi-line error panels are not used, so scripts can parse the line.
     """
+    from rankwise.cli.common import command_scope, interrupt_note
+
     _quiet_libraries()
     try:
-        code = app(args=argv, standalone_mode=False)
+        with command_scope():
+            try:
+                code = app(args=argv, standalone_mode=False)
+            except (KeyboardInterrupt, Abort) as exc:
+                if not isinstance(exc, KeyboardInterrupt) and not isinstance(exc.__context__, KeyboardInterrupt):
+                    raise
+                # Ctrl-C: say what was kept (the command's own note) and exit as shells expect (128 + SIGINT)
+                print(f"\ninterrupted: {interrupt_note()}", file=sys.stderr)
+                sys.exit(130)
     except RankwiseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
