@@ -108,11 +108,15 @@ def run_command(
     from rankwise.studies.engine import StudyInterrupted, run_study, study_name_for
     from rankwise.studies.export import write_json
     from rankwise.studies.spec import load_spec
+    from rankwise.studies.storage import open_storage
+    from rankwise.studies.trial import check_study_data
 
     console = Console(stderr=True)
     parsed = load_spec(spec)
     study_name = study_name_for(parsed, name)
     log = (lambda m: None) if quiet else (lambda m: console.print(m, highlight=False))
+    open_storage(storage)  # bad storage or missing data: one error line before any bar or model
+    check_study_data(parsed)
     try:
         with _StudyBar(storage, study_name, console, enabled=not quiet and workers > 0):
             doc = run_study(parsed, storage, workers, name=study_name, log=log,

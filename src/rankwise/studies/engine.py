@@ -427,16 +427,16 @@ def run_study(spec: StudySpec | str | os.PathLike[str] | dict, storage: str = "s
     ``workers=0`` only creates the study and queues its points, for ``rankwise study worker`` processes."""
     from rankwise.studies.export import study_document
     from rankwise.studies.spec import load_spec
-    from rankwise.studies.trial import PointRunner
+    from rankwise.studies.trial import PointRunner, check_study_data
 
     if not isinstance(spec, StudySpec):
         spec = load_spec(spec)
     if workers < 0:
         raise RankwiseError(f"--workers must be 0 or more, got {workers}")
     study_name = study_name_for(spec, name)
-    open_storage(storage)  # an unreachable storage fails before the model loads
+    open_storage(storage)  # an unreachable storage or missing data fails before the model loads
+    check_study_data(spec)
     runner = PointRunner(spec, [], progress=progress, log=log)
-    runner.check_data()
     _study, points, _ = create_or_resume(spec, storage, study_name, runner.model)
     if workers == 0:
         return study_document(storage, study_name)

@@ -12,6 +12,8 @@ a trial (WAITING -> RUNNING) and failing a stale one (RUNNING -> FAIL) are singl
 from __future__ import annotations
 
 import datetime as _dt
+import threading
+import time
 import warnings
 from typing import Any
 
@@ -19,6 +21,10 @@ from rankwise.errors import RankwiseError, first_line
 
 SQLITE_TIMEOUT_S = 60
 PG_CONNECT_TIMEOUT_S = 10
+OPEN_ATTEMPTS = 5
+_RACE_MARKERS = ("already exists", "locked", "UNIQUE constraint", "duplicate key")
+_OPEN: dict[tuple[str, int | None, int | None], Any] = {}
+_OPEN_LOCK = threading.Lock()
 
 
 def driver_url(url: str) -> str:
@@ -38,6 +44,14 @@ def driver_url(url: str) -> str:
 def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None) -> Any:
     """An ``optuna.storages.RDBStorage`` for ``url`` (busy timeout for SQLite, connect timeout for
     PostgreSQL), or a one-line error naming the URL when it cannot be opened."""
+    key = (url, heartbeat_interval, grace_period)
+    with _OPEN_LOCK:  # one storage (engine, connection pool) per URL and settings in a process
+        if key not in _OPEN:
+            _OPEN[key] = _open(url, heartbeat_interval, grace_period)
+        return _OPEN[key]
+
+
+def _open(url: str, heartbeat_interval: int | None, grace_period: int | None) -> Any:
     import optuna
 
     if not isinstance(url, str) or "://" not in url:
@@ -53,11 +67,18 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Heartbeats are "experimental" in Optuna 5 (a warning per storage); rankwise pins the version it tests.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    try:
-        return optuna.storages.RDBStorage(real, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                                          grace_period=grace_period)
-    except Exception as exc:  # driver missing, connection refused, unwritable file, bad URL ...
-        raise RankwiseError(f"storage {url}: cannot open ({first_line(exc)})") from None
+    for attempt in range(OPEN_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(real, engine_kwargs=engine_kwargs,
+                                              heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+        except Exception as exc:  # driver missing, connection refused, unwritable file, bad URL ...
+            text = str(exc)
+            # Two processes opening a fresh database race to create Optuna's tables; the loser retries.
+            if attempt + 1 < OPEN_ATTEMPTS and any(m in text for m in _RACE_MARKERS):
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            raise RankwiseError(f"storage {url}: cannot open ({first_line(exc)})") from None
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def study_names(storage: Any) -> list[str]:

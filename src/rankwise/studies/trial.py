@@ -203,11 +203,7 @@ class PointRunner:
                            progress=self.progress)
 
     def check_data(self) -> None:
-        """Every task's data file exists: a one-line error naming the missing file before any trial runs."""
-        from rankwise.evaluation.runner import check_data, resolve_tasks
-
-        names = [t.name for t in self.spec.tasks] + (["wikitext_token"] if self.spec.perplexity else [])
-        check_data(resolve_tasks(names), EvalOptions())
+        check_study_data(self.spec)
 
     def measure_metrics(self) -> dict[str, dict[str, Any]]:
         from rankwise.evaluation.runner import evaluate
@@ -358,6 +354,14 @@ class PointRunner:
         out = report.to_dict()
         out["targets_from_cache"] = len(chosen) - len(missing)
         return out, undo
+
+
+def check_study_data(spec: StudySpec) -> None:
+    """Every task's data file exists: a one-line error naming the missing file before any model loads."""
+    from rankwise.evaluation.runner import check_data, resolve_tasks
+
+    names = [t.name for t in spec.tasks] + (["wikitext_token"] if spec.perplexity else [])
+    check_data(resolve_tasks(names), EvalOptions())
 
 
 def point_plan(point: DesignPoint) -> dict[str, Any]:
