@@ -280,7 +280,7 @@ def test_cli_missing_data_dir(capsys, tmp_path):
     missing = tmp_path / "nowhere"
     code, _, err = run_cli(["eval", "smollm2-135m", "--tasks", "arc_easy", "--data-dir", str(missing)], capsys)
     assert code == 2 and err.strip().count("\n") == 0
-    assert str(missing) in err and "README" in err
+    assert str(missing) in err and "RANKWISE_DATA" in err
 
 
 def test_cli_missing_data_file(capsys, tmp_path):
@@ -293,6 +293,24 @@ def test_cli_encoder_model_for_loglikelihood_task(capsys):
     code, _, err = run_cli(["eval", "minilm-l6", "--tasks", "arc_easy", "--limit", "2", "-q"], capsys)
     assert code == 2 and err.strip().count("\n") == 0
     assert "arc_easy" in err and "LM head" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--strategy", "fastest"], "unknown --strategy 'fastest'"),
+    (["--strategy", "packed", "--harness", "lm-eval"], "--strategy applies to --harness rankwise"),
+])
+def test_cli_bad_strategy_is_a_one_line_error(capsys, argv, message):
+    code, _, err = run_cli(["eval", "smollm2-135m", "--tasks", "copa", *argv], capsys)
+    assert code == 2 and err.strip().count("\n") == 0 and message in err
+
+
+def test_cli_forced_strategy_is_used_and_reported(capsys, tmp_path):
+    out_json = tmp_path / "r.json"
+    code, _, err = run_cli(["eval", "smollm2-135m", "--tasks", "copa", "--limit", "3", "--strategy", "full",
+                            "--json", str(out_json)], capsys)
+    assert code in (0, None) and "copa: scoring strategy full (requested" in err
+    proto = json.loads(out_json.read_text())["results"]["copa"]["protocol"]
+    assert proto["strategy"] == "full" and proto["strategy_reason"] == "requested (auto would use packed)"
 
 
 def test_cli_limit_and_sample_are_exclusive(capsys):
@@ -311,6 +329,8 @@ def test_cli_writes_results_and_samples(capsys, tmp_path):
     copa = doc["results"]["copa"]
     assert copa["n"] == 3 and set(copa["metrics"]) == {"acc"} and "acc" in copa["stderr"]
     assert copa["protocol"]["shots"] == 0 and "first 3 of 100" in copa["protocol"]["subset"]
+    assert copa["protocol"]["strategy"] == "packed" and "probe" in copa["protocol"]["strategy_reason"]
+    assert doc["options"]["strategy"] == "auto"
     assert doc["model"]["name"] == "smollm2-135m"
     lines = [json.loads(x) for x in out_samples.read_text().splitlines()]
     assert [x["task"] for x in lines] == ["copa"] * 3 + ["rte"] * 3

@@ -52,6 +52,9 @@ def eval_command(
                                                                            "and predictions to this JSONL file.")] = None,
     harness: Annotated[str, typer.Option(help="rankwise (default) or lm-eval (needs the 'harness' extra).")]
     = "rankwise",
+    strategy: Annotated[str, typer.Option(help="Log-likelihood scoring: auto (the fastest exact one), packed, "
+                                               "shared-context or full; refused where it would be inexact.")]
+    = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Evaluate a model on benchmarks: accuracy (acc, acc_norm) or perplexity, with standard errors."""
@@ -59,6 +62,12 @@ def eval_command(
 
     if harness not in HARNESSES:
         raise RankwiseError(f"unknown harness '{harness}': choose one of {', '.join(HARNESSES)}")
+    from rankwise.evaluation.engine import STRATEGIES
+
+    if strategy not in STRATEGIES:
+        raise RankwiseError(f"unknown --strategy '{strategy}': choose one of {', '.join(STRATEGIES)}")
+    if strategy != "auto" and harness != "rankwise":
+        raise RankwiseError("--strategy applies to --harness rankwise; lm-eval scores one sequence per request")
     if batch_size < 1:
         raise RankwiseError(f"--batch-size must be at least 1, got {batch_size}")
     if seq_len is not None and seq_len < 1:
@@ -66,7 +75,7 @@ def eval_command(
     names = runner.parse_task_list(tasks)
     options = EvalOptions(data_dir=data_dir, limit=limit, sample=sample, seed=seed, shots=shots,
                           batch_size=batch_size, seq_len=seq_len, log_samples=log_samples is not None,
-                          progress=not quiet)
+                          progress=not quiet, strategy=strategy)
     validate_subset(limit, sample)
     if harness == "rankwise":
         resolved = runner.resolve_tasks(names)
@@ -104,7 +113,7 @@ def eval_command(
         "model": loaded.info.to_dict(),
         "harness": harness,
         "options": {"tasks": names, "limit": limit, "sample": sample, "seed": seed, "shots": shots,
-                    "batch_size": batch_size, "seq_len": seq_len, "dtype": dtype, "device": device,
+                    "batch_size": batch_size, "strategy": strategy, "seq_len": seq_len, "dtype": dtype, "device": device,
                     "data_dir": str(data_dir) if data_dir else None},
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "seconds": elapsed,
@@ -119,7 +128,8 @@ def eval_command(
 
 def _done_line(r: TaskResult) -> str:
     shown = ", ".join(f"{k} {_fmt(k, v)}" for k, v in r.metrics.items())
-    return f"[green]done[/green] {r.task}: {shown} (n={r.n}, {r.seconds or 0:.1f} s)"
+    how = f", {r.protocol['strategy']}" if "strategy" in r.protocol else ""
+    return f"[green]done[/green] {r.task}: {shown} (n={r.n}, {r.seconds or 0:.1f} s{how})"
 
 
 def _fmt(metric: str, value: float | None) -> str:

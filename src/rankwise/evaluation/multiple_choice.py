@@ -37,7 +37,7 @@ METRIC_DEFINITIONS: dict[str, str] = {
 
 ENGINE_NOTE = (
     "log-likelihoods as lm-eval 0.4.13 HFLM (encode whole, split after the context's tokens; left "
-    "truncation), each question's context run once (choices packed after it); log-softmax in float32"
+    "truncation), computed by the strategy named in 'strategy'; log-softmax in float32"
 )
 
 
@@ -75,15 +75,39 @@ def requests_for(docs: Sequence[MCDoc]) -> list[tuple[str, str]]:
     return [(d.context, d.delimiter + c) for d in docs for c in d.choices]
 
 
+def scoring_strategy(model: Any, tokenizer: Any, options: EvalOptions) -> engine.Strategy:
+    """The engine strategy this model is scored with under ``options.strategy`` (decided once per model)."""
+    return engine.resolve_strategy(model, options.strategy, engine.pad_token_id(tokenizer))
+
+
+def strategy_protocol(strategy: engine.Strategy) -> dict[str, str]:
+    """The protocol entries that say how the log-likelihoods were computed."""
+    return {"strategy": strategy.name, "strategy_reason": strategy.reason}
+
+
+def score_requests(model: Any, tokenizer: Any, requests: Sequence[tuple[str, str]], options: EvalOptions,
+                   description: str) -> tuple[list[engine.LoglikelihoodResult], engine.Strategy]:
+    """Score (context, continuation) requests with a progress line that names the strategy (and, when it
+    is not ``packed``, why); returns the results and the strategy for the task's protocol."""
+    strategy = scoring_strategy(model, tokenizer, options)
+    label = f"{description} [{strategy.name}]"
+    if options.progress and strategy.name != "packed":
+        from rich.console import Console
+
+        Console(stderr=True).print(f"{description}: scoring strategy {strategy.name} ({strategy.reason})",
+                                   markup=False, highlight=False)
+    with task_progress(label, len(requests), options.progress) as advance:
+        results = engine.loglikelihood(
+            model, tokenizer, requests, batch_size=options.batch_size,
+            max_length=options.seq_len, strategy=strategy.name, progress=advance,
+        )
+    return results, strategy
+
+
 def score_docs(model: Any, tokenizer: Any, docs: Sequence[MCDoc], options: EvalOptions,
                description: str) -> list[ScoredDoc]:
     """Log-likelihood of every choice of every document, in one batched engine call (with progress)."""
-    requests = requests_for(docs)
-    with task_progress(description, len(requests), options.progress) as advance:
-        results = engine.loglikelihood(
-            model, tokenizer, requests, batch_size=options.batch_size,
-            max_length=options.seq_len, progress=advance,
-        )
+    results, _ = score_requests(model, tokenizer, requests_for(docs), options, description)
     scored: list[ScoredDoc] = []
     pos = 0
     for d in docs:
@@ -177,7 +201,7 @@ class MultipleChoiceTask(Task):
             raise RankwiseError(f"task {self.name} supports {allowed} shots here, not {shots}")
         return shots
 
-    def protocol(self, shots: int, subset: Subset) -> dict[str, Any]:
+    def protocol(self, shots: int, subset: Subset, strategy: engine.Strategy | None = None) -> dict[str, Any]:
         return {
             "shots": shots if not self.shots_note else f"{shots} ({self.shots_note})",
             "subset": subset.description,
@@ -185,6 +209,7 @@ class MultipleChoiceTask(Task):
             "prompt": self.prompt_version,
             "metrics": {m: self.metric_notes.get(m, METRIC_DEFINITIONS[m]) for m in self.metric_names},
             "scoring": ENGINE_NOTE,
+            **(strategy_protocol(strategy) if strategy is not None else {}),
         }
 
     def run(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
@@ -196,7 +221,8 @@ class MultipleChoiceTask(Task):
         scored = score_docs(model, tokenizer, chosen, options, self.name)
         per_doc = [self.doc_metrics(s) for s in scored]
         samples = [sample_record(s, m, options.log_samples) for s, m in zip(scored, per_doc, strict=True)]
-        result = summarize(self.name, per_doc, self.metric_names, self.protocol(shots, subset), samples)
+        protocol = self.protocol(shots, subset, scoring_strategy(model, tokenizer, options))
+        result = summarize(self.name, per_doc, self.metric_names, protocol, samples)
         result.seconds = time.perf_counter() - start
         return result
 

@@ -31,6 +31,8 @@ class EvalOptions:
     seq_len: int | None = None
     log_samples: bool = False
     progress: bool = True
+    #: log-likelihood scoring strategy: "auto" (the fastest exact one), "packed", "shared-context" or "full"
+    strategy: str = "auto"
 
 
 class Task:

@@ -14,10 +14,13 @@ import time
 from typing import Any
 
 from rankwise.errors import DataError
-from rankwise.evaluation import engine
 from rankwise.evaluation.datafiles import read_jsonl
-from rankwise.evaluation.multiple_choice import ENGINE_NOTE, METRIC_DEFINITIONS
-from rankwise.evaluation.progress import task_progress
+from rankwise.evaluation.multiple_choice import (
+    ENGINE_NOTE,
+    METRIC_DEFINITIONS,
+    score_requests,
+    strategy_protocol,
+)
 from rankwise.evaluation.registry import EvalOptions, Task, register_task
 from rankwise.evaluation.results import TaskResult, mean_stderr
 from rankwise.evaluation.sampling import select
@@ -52,9 +55,7 @@ class LambadaOpenAI(Task):
                 raise DataError(f"{path} record {i}: expected a 'text' string")
         subset = select(len(rows), options.limit, options.sample, options.seed)
         requests = [split_last_word(rows[i]["text"]) for i in subset.indices]
-        with task_progress(self.name, len(requests), options.progress) as advance:
-            results = engine.loglikelihood(model, tokenizer, requests, batch_size=options.batch_size,
-                                           max_length=options.seq_len, progress=advance)
+        results, strategy = score_requests(model, tokenizer, requests, options, self.name)
         lls = [r.logprob for r in results]
         hits = [float(r.is_greedy) for r in results]
         acc, acc_se = mean_stderr(hits)
@@ -77,6 +78,7 @@ class LambadaOpenAI(Task):
                 "perplexity": METRIC_DEFINITIONS["perplexity"] + "; stderr by the delta method",
             },
             "scoring": ENGINE_NOTE,
+            **strategy_protocol(strategy),
         }
         return TaskResult(
             task=self.name, metrics={"acc": acc, "perplexity": ppl},

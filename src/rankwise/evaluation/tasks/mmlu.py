@@ -23,6 +23,8 @@ from rankwise.evaluation.multiple_choice import (
     acc_metrics,
     sample_record,
     score_docs,
+    scoring_strategy,
+    strategy_protocol,
     summarize,
 )
 from rankwise.evaluation.registry import EvalOptions, register_task
@@ -130,14 +132,15 @@ class _MMLU(MultipleChoiceTask):
             mine = [s for s in scored if s.doc.meta["subject"] == subject]
             per_doc = [acc_metrics(s) for s in mine]
             samples = [sample_record(s, m, options.log_samples) for s, m in zip(mine, per_doc, strict=True)]
-            proto = self.protocol(shots, subsets[subject]) | {
+            proto = self.protocol(shots, subsets[subject], scoring_strategy(model, tokenizer, options)) | {
                 "source": f"MMLU {subject} test (mmlu/test/{subject}_test.csv)"}
             per_subject[subject] = summarize(f"mmlu_{subject}", per_doc, self.metric_names, proto, samples)
-        result = self._combine(per_subject, shots, options)
+        result = self._combine(per_subject, shots, options, scoring_strategy(model, tokenizer, options))
         result.seconds = time.perf_counter() - start
         return result
 
-    def _combine(self, per_subject: dict[str, TaskResult], shots: int, options: EvalOptions) -> TaskResult:
+    def _combine(self, per_subject: dict[str, TaskResult], shots: int, options: EvalOptions,
+                 strategy: Any) -> TaskResult:
         if self.group is None:
             return per_subject[self.subjects[0]]
         if options.limit is not None:
@@ -153,6 +156,7 @@ class _MMLU(MultipleChoiceTask):
             "prompt": _PROMPT,
             "metrics": {"acc": "accuracy over all questions: subjects and categories averaged weighted by size "
                                "(lm-eval weight_by_size); stderr pooled as lm-eval"},
+            **strategy_protocol(strategy),
         }
         if self.group != "mmlu":
             return aggregate(self.name, [per_subject[s] for s in self.subjects], proto)

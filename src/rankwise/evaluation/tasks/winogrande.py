@@ -19,10 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from rankwise.errors import DataError, RankwiseError
-from rankwise.evaluation import engine
 from rankwise.evaluation.datafiles import read_jsonl, require
-from rankwise.evaluation.multiple_choice import argmax
-from rankwise.evaluation.progress import task_progress
+from rankwise.evaluation.multiple_choice import argmax, score_requests, strategy_protocol
 from rankwise.evaluation.registry import EvalOptions, Task, register_task
 from rankwise.evaluation.results import TaskResult, mean_stderr
 from rankwise.evaluation.sampling import select
@@ -74,9 +72,7 @@ class WinoGrande(Task):
         subset = select(len(records), options.limit, options.sample, options.seed)
         chosen = [records[i] for i in subset.indices]
         requests = [req for r in chosen for req in partial_requests(r["sentence"], (r["option1"], r["option2"]))]
-        with task_progress(self.name, len(requests), options.progress) as advance:
-            results = engine.loglikelihood(model, tokenizer, requests, batch_size=options.batch_size,
-                                           max_length=options.seq_len, progress=advance)
+        results, strategy = score_requests(model, tokenizer, requests, options, self.name)
         accs, samples = [], []
         for k, (i, rec) in enumerate(zip(subset.indices, chosen, strict=True)):
             lls = [results[2 * k].logprob, results[2 * k + 1].logprob]
@@ -103,6 +99,7 @@ class WinoGrande(Task):
                                    "log-likelihood is the gold one (fraction)"},
                 "stderr": "sample std / sqrt(n)",
                 "scoring": "rankwise.evaluation.engine (lm-eval HFLM loglikelihood semantics)",
+                **strategy_protocol(strategy),
             },
             samples=samples,
             seconds=time.perf_counter() - start,
