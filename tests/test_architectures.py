@@ -283,3 +283,22 @@ def test_folder_without_tokenizer_inspects_decomposes_and_says_what_needs_text(t
     with pytest.raises(ModelLoadError, match=r"has no tokenizer \(no tokenizer files in the folder\)"):
         loaded.tokenizer("text")
     copy.deepcopy(loaded.tokenizer)  # a missing tokenizer still copies (models are deep-copied with theirs)
+
+
+def test_merged_conv1d_model_saves_and_reloads_as_its_architecture(tmp_path):
+    """Merging puts a Conv1D back where GPT-2 has one (not an nn.Linear with the weight the other way round),
+    so the merged model saves as GPT-2 and reloads computing the same; a reloaded checkpoint merges the same."""
+    spec = ARCHS["gpt2"]
+    model = spec.build()
+    decompose(model, Plan.simple(tensors="all", rank=4, method="svd"), progress=False)
+    out = save(model, tmp_path / "low")
+    rankwise.merge(model)
+    assert is_transposed(model.transformer.h[1].attn.c_proj) and is_transposed(model.transformer.h[0].mlp.c_fc)
+    merged = _run(model, spec)
+    save(model, tmp_path / "merged")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert torch.allclose(_run(reloaded, spec), merged, atol=1e-6, rtol=1e-5)
+    loaded = rankwise.load(out).model
+    rankwise.merge(loaded)
+    assert is_transposed(loaded.transformer.h[0].attn.c_attn)
+    assert torch.allclose(_run(loaded, spec), merged, atol=1e-6, rtol=1e-5)

@@ -52,6 +52,7 @@ from rankwise.design.ranks import break_even_rank, break_even_rank_tucker, facto
 from rankwise.errors import DataError, PlanError
 from rankwise.layers.factorized import FactorizedLinear
 from rankwise.models.adapters import ArchitectureAdapter, TargetInfo, adapter_for
+from rankwise.models.layouts import dense_like
 
 #: What ``calibration=`` may be: nothing (defaults), settings, token windows, or statistics per module name.
 Calibration = CalibrationConfig | torch.Tensor | Mapping[str, CalibrationStats] | None
@@ -252,7 +253,7 @@ def merge(model: nn.Module) -> nn.Module:
         if name and is_factorized(module):
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, module.merge())
+            setattr(parent, attr, dense_like(module, module.merge()))  # a Conv1D where one stood
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and getattr(quantizer.quantization_config, "quant_method", None) == "rankwise":
         quantizer.remove_quantization_config(model)

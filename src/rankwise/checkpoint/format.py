@@ -25,7 +25,7 @@ from torch import nn
 
 from rankwise.layers.factorized import FactorizedLinear, FactorizedShape
 from rankwise.layers.modules import is_factorized
-from rankwise.models.layouts import projection_shape
+from rankwise.models.layouts import STORED_TRANSPOSED, is_transposed, projection_shape
 
 QUANT_METHOD = "rankwise"
 FORMAT_VERSION = 1
@@ -66,7 +66,10 @@ def inject_factorized(model: nn.Module, modules: dict[str, dict[str, Any]]) -> N
         if (in_features, out_features) != (shape.in_features, shape.out_features):
             raise ValueError(f"rankwise checkpoint: {name} is {out_features}x{in_features} in the model "
                              f"but {shape.out_features}x{shape.in_features} in the checkpoint")
-        setattr(parent, attr, FactorizedLinear(shape, dtype=old.weight.dtype, device=old.weight.device))
+        new = FactorizedLinear(shape, dtype=old.weight.dtype, device=old.weight.device)
+        if is_transposed(old):
+            setattr(new, STORED_TRANSPOSED, True)  # merges back into the Conv1D the architecture has here
+        setattr(parent, attr, new)
 
 
 def realign_factors(model: nn.Module) -> None:

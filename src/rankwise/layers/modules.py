@@ -7,6 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from rankwise.layers.factorized import FactorizedLinear
+from rankwise.models.layouts import dense_like
 
 
 def is_factorized(module: nn.Module) -> bool:
@@ -22,8 +23,9 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def merge_factorized_(model: nn.Module) -> nn.Module:
-    """Replace every factorized layer by the plain ``nn.Linear`` it equals (weight A·G·Bᵀ), in place."""
+    """Replace every factorized layer by the plain ``nn.Linear`` it equals (weight A·G·Bᵀ), in place (by the
+    ``Conv1D`` it equals where the architecture has one, so the merged model saves as that architecture)."""
     for name, module in list(model.named_modules()):
         if name and is_factorized(module):
-            replace_module(model, name, module.merge())
+            replace_module(model, name, dense_like(module, module.merge()))
     return model

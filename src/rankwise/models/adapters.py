@@ -40,7 +40,10 @@ from rankwise.errors import PlanError
 from rankwise.models.layouts import (
     ATTENTION_ROLES,
     ROLE_ORDER,
+    STORED_TRANSPOSED,
+    as_transposed,
     block_roles,
+    is_factorized_like,
     is_transposed,
     projection_shape,
     projections,
@@ -176,10 +179,20 @@ class ArchitectureAdapter:
         return is_transposed(self.linear(layer, role))
 
     def replace(self, layer: int, role: str, new: nn.Module) -> nn.Module:
-        """Swap the module at (layer, role) through its parent (PEFT-style injection); returns the old one."""
+        """Swap the module at (layer, role) through its parent (PEFT-style injection); returns the old one.
+
+        A role stored transposed (``Conv1D``) stays so: a factorized layer put there is marked to merge back
+        into a ``Conv1D``, and a plain ``nn.Linear`` put there is converted to one, so the model still saves
+        and reloads as its own architecture.
+        """
         parent_path, _, attr = self._path(layer, role).rpartition(".")
         parent = _get(self.block(layer), parent_path) if parent_path else self.block(layer)
         old = getattr(parent, attr)
+        if is_transposed(old) or getattr(old, STORED_TRANSPOSED, False):
+            if is_factorized_like(new):
+                setattr(new, STORED_TRANSPOSED, True)
+            elif isinstance(new, nn.Linear):
+                new = as_transposed(new)
         setattr(parent, attr, new)
         return old
 
