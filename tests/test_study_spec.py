@@ -172,3 +172,36 @@ def test_cli_status_of_empty_storage(tmp_path, capsys):
     code, _, err = run_cli(["study", "export", "--storage", f"sqlite:///{tmp_path}/x.db", "--name", "nope",
                             "--json", str(tmp_path / "o.json")], capsys)
     assert code == 2 and "no study named 'nope'" in err
+
+
+def test_hidden_state_replay_is_bit_identical():
+    """Replaying recorded block inputs gives exactly the full forward pass of a model changed at layer >= k."""
+    from rankwise.studies.hidden import HiddenStateCache
+
+    model = tiny_llama(layers=4)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 256, (2, 9), generator=gen), torch.randint(0, 256, (3, 5), generator=gen)]
+    cache = HiddenStateCache(model, max_bytes=2**30)
+
+    def measure():
+        with torch.inference_mode():
+            outs = [model(ids).logits for ids in batches]
+            outs.append(model(batches[0], use_cache=True).logits)  # a cached call runs every block
+        return outs
+
+    with cache.session(None, record_all=True):
+        dense = measure()
+    assert sorted(cache.store) == [0, 1, 2, 3] and cache.verified
+    down = model.model.layers[2].mlp.down_proj
+    changed = torch.nn.Linear(down.in_features, down.out_features, bias=False)
+    with torch.no_grad():
+        changed.weight.copy_(down.weight * 0.5)
+    model.model.layers[2].mlp.down_proj = changed
+    full = measure()
+    with cache.session(2):
+        replayed = measure()
+    assert cache.replayed_calls == 2 and cache.skipped_blocks == 4
+    for a, b in zip(full, replayed, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(full[0], dense[0])
+    assert type(model.model.layers[0]).__name__ == "LlamaDecoderLayer"  # blocks put back

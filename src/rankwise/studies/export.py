@@ -55,7 +55,7 @@ def trial_record(frozen: Any, points: list[dict[str, Any]]) -> dict[str, Any]:
     out["seconds"] = rec.get("seconds") if rec.get("seconds") is not None else _seconds(frozen)
     out["error"] = frozen.user_attrs.get("error")
     out["worker"] = frozen.user_attrs.get("worker")
-    for key in ("timings", "factor_cache", "note"):
+    for key in ("timings", "factor_cache", "hidden_cache", "note"):
         if key in rec:
             out[key] = rec[key]
     if frozen.values is not None:

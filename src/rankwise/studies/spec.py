@@ -155,10 +155,12 @@ class ExecutionSpec:
     max_retry: int = 3
     reuse: bool = True
     factor_cache_mb: int = 1024
+    hidden_cache_mb: int = 2048
 
     def to_dict(self) -> dict[str, Any]:
         return {"heartbeat_interval": self.heartbeat_interval, "grace_period": self.grace_period,
-                "max_retry": self.max_retry, "reuse": self.reuse, "factor_cache_mb": self.factor_cache_mb}
+                "max_retry": self.max_retry, "reuse": self.reuse, "factor_cache_mb": self.factor_cache_mb,
+                "hidden_cache_mb": self.hidden_cache_mb}
 
 
 @dataclass(frozen=True)
@@ -358,7 +360,8 @@ def parse_spec(data: Any, default_name: str | None = None) -> StudySpec:
     grid = _grid(data["grid"]) if has_grid else None
     search = _search(data["search"]) if has_search else None
     ex = _mapping(data.get("execution") or {}, "execution",
-                  {"heartbeat_interval", "grace_period", "max_retry", "reuse", "factor_cache_mb"})
+                  {"heartbeat_interval", "grace_period", "max_retry", "reuse", "factor_cache_mb",
+                   "hidden_cache_mb"})
     interval = _pos_int(ex.get("heartbeat_interval", 10), "execution.heartbeat_interval") or 10
     grace = _pos_int(ex.get("grace_period", max(30, 3 * interval)), "execution.grace_period") or 30
     if grace <= interval:
@@ -369,7 +372,8 @@ def parse_spec(data: Any, default_name: str | None = None) -> StudySpec:
     execution = ExecutionSpec(
         heartbeat_interval=interval, grace_period=grace,
         max_retry=_pos_int(ex.get("max_retry", 3), "execution.max_retry") or 3, reuse=reuse,
-        factor_cache_mb=_pos_int(ex.get("factor_cache_mb", 1024), "execution.factor_cache_mb") or 1024)
+        factor_cache_mb=_pos_int(ex.get("factor_cache_mb", 1024), "execution.factor_cache_mb") or 1024,
+        hidden_cache_mb=_pos_int(ex.get("hidden_cache_mb", 2048), "execution.hidden_cache_mb") or 2048)
     calibration = data.get("calibration")
     if calibration is not None:
         calibration = _mapping(calibration, "calibration", {"dataset", "n_samples", "seq_len", "seed"})

@@ -21,6 +21,7 @@ energy, seconds) vary, and they are stored as such.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -34,6 +35,7 @@ from torch import nn
 from rankwise.errors import RankwiseError
 from rankwise.evaluation.registry import EvalOptions
 from rankwise.evaluation.results import TaskResult
+from rankwise.studies.hidden import HiddenStateCache
 from rankwise.studies.points import DesignPoint
 from rankwise.studies.removal import remove_blocks, restore_blocks
 from rankwise.studies.spec import StudySpec
@@ -139,6 +141,7 @@ class PointRunner:
         self.dense_params, self.dense_bytes = model_size(self.model)
         self.dense_decode_bytes = self._decode_bytes()
         self.factors = FactorCache(spec.execution.factor_cache_mb * 2**20 if self.reuse else 0)
+        self.hidden = HiddenStateCache(self.model, spec.execution.hidden_cache_mb * 2**20) if self.reuse else None
         self.stats: dict[str, Any] | None = None
         self.calibration_info: dict[str, Any] | None = None
         if self.reuse:
@@ -251,11 +254,16 @@ class PointRunner:
             out["ideal_latency_change"] = decode_bytes(self.model, eff.context).total / self.dense_decode_bytes - 1.0
         return out
 
-    def measure_all(self) -> dict[str, Any]:
+    def measure_all(self, first_layer: int | None = None, record_all: bool = False) -> dict[str, Any]:
+        """Size, metrics and efficiency of the model as it is now. ``first_layer``: the lowest layer the
+        current point changes (lets the hidden-state cache replay the dense blocks before it)."""
         from rankwise.surgery import model_size
 
         params, nbytes = model_size(self.model)
-        metrics = self.measure_metrics()
+        session = (self.hidden.session(first_layer, record_all=record_all) if self.hidden is not None
+                   else contextlib.nullcontext())
+        with session:
+            metrics = self.measure_metrics()
         return {"params": params, "params_ratio": params / self.dense_params,
                 "size_reduction": 1.0 - params / self.dense_params, "bytes": nbytes, "metrics": metrics,
                 "mean_accuracy": mean_accuracy(metrics), "efficiency": self.measure_efficiency()}
@@ -264,7 +272,7 @@ class PointRunner:
     def run_dense(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         record = {"sweep": "dense", "label": "dense", "x": None, "plan": None, "kind": "dense",
-                  **self.measure_all(), "decomposition": None}
+                  **self.measure_all(record_all=True), "decomposition": None}
         record["seconds"] = time.perf_counter() - t0
         return record
 
@@ -284,7 +292,8 @@ class PointRunner:
                 report, undo = self.apply_plan(point.plan or {})
             timings["apply"] = time.perf_counter() - t0
             t1 = time.perf_counter()
-            measured = self.measure_all()
+            changed = [t["layer"] for t in (report or {}).get("targets", []) if not t.get("kept_dense")]
+            measured = self.measure_all(first_layer=min(changed) if changed else None)
             timings["measure"] = time.perf_counter() - t1
         finally:
             if undo is not None:
@@ -292,6 +301,10 @@ class PointRunner:
         record = {"sweep": point.sweep, "label": point.label, "x": point.x, **point_plan(point),
                   "kind": point.kind, **measured, "decomposition": report, "timings": timings,
                   "factor_cache": {"hits": self.factors.hits, "misses": self.factors.misses}}
+        if self.hidden is not None:
+            record["hidden_cache"] = {"layers": sorted(self.hidden.store), "bytes": self.hidden.bytes,
+                                      "replayed_calls": self.hidden.replayed_calls,
+                                      "skipped_block_calls": self.hidden.skipped_blocks}
         record["seconds"] = time.perf_counter() - t0
         return record
 
