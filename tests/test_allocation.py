@@ -177,7 +177,7 @@ def test_accounting_caps_meet_every_unit_on_a_real_module_tree():
                    Budget(0.9 * acc.model_params * 4, "bytes")):
         cap = acc.check(budget)
         for name in ("uniform", "knapsack"):
-            p = Problem(acc.targets, cap, predict=lambda k, r: 0.0 if r is None else 1.0 / r)
+            p = Problem(acc.targets, cap, predict=lambda k, r: 0.0 if r is None else 1.0 / r, max_units=5000)
             alloc = get_allocator(name).allocate(p)
             assert acc.measure(alloc.cost)[budget.unit] <= budget.value
     with pytest.raises(PlanError, match="below the smallest possible plan"):

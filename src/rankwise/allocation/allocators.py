@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from rankwise.allocation.budget import Target, TargetSize
-from rankwise.design.ranks import energy_rank, fraction_rank
+from rankwise.design.ranks import fraction_rank
 from rankwise.errors import PlanError
 
 Choice = int | None  # a rank, or None = keep dense
@@ -170,11 +170,18 @@ class Energy(Allocator):
     def choose(self, problem: Problem) -> Allocation:
         targets = problem.targets
         assert problem.spectra is not None
-        spectra = {t.key: list(problem.spectra[t.key]) for t in targets}
+        cumulative = {}
+        for t in targets:  # normalized cumulative energy per target, so each threshold costs one search
+            cum = np.cumsum(np.asarray(problem.spectra[t.key], dtype=np.float64) ** 2)
+            cumulative[t.key] = cum if cum.size and cum[-1] > 0 else np.ones(1)
+
+        def rank_at(key: Target, tau: float) -> int:
+            # smallest r whose top-r energy >= tau of the total: design.ranks.energy_rank, same sums and tolerance
+            cum = cumulative[key]
+            return int(np.searchsorted(cum, tau * cum[-1] * (1 - 1e-12), side="left")) + 1
 
         def at(tau: float) -> dict[Target, Choice]:
-            return {t.key: max(1, min(t.max_rank, energy_rank(spectra[t.key], tau) if tau > 0 else 1))
-                    for t in targets}
+            return {t.key: max(1, min(t.max_rank, rank_at(t.key, tau) if tau > 0 else 1)) for t in targets}
 
         tau, choices = _largest_fitting(at, targets, problem.cap, 0.0, 1.0)
         return Allocation(self.name, choices, 0, details={"energy_threshold": tau})

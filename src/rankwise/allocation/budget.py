@@ -21,6 +21,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 from torch import nn
@@ -106,10 +107,15 @@ class TargetSize:
         """Stored parameters at ``rank`` (None = left dense)."""
         return self.dense if rank is None else factor_params(rank, self.m, self.n, self.form)  # type: ignore[arg-type]
 
-    @property
+    @cached_property
     def max_rank(self) -> int:
         """The largest rank whose factors are strictly smaller than the dense matrix (0 if none is)."""
-        r = min(self.m, self.n)
+        s = self.m + self.n
+        if self.form == "tucker":  # r² + r·s < m·n
+            r = int((-s + math.sqrt(s * s + 4 * self.dense)) / 2)
+        else:
+            r = self.dense // s
+        r = min(r + 1, min(self.m, self.n))
         while r > 0 and self.params(r) >= self.dense:
             r -= 1
         return r
