@@ -37,7 +37,6 @@ COMMAND_MODULES = (
     "rankwise.cli.bench_cmd",
     "rankwise.cli.cache_cmd",
     "rankwise.cli.allocate_cmd",
-    "rankwise.cli.allocate_cmd",
     "rankwise.cli.study_cmd",
     "rankwise.cli.report_cmd",
 )
