@@ -38,7 +38,7 @@ from torch import nn
 from rankwise.calibration.cache import cached_stats
 from rankwise.calibration.data import CalibrationConfig, calibration_ids
 from rankwise.checkpoint.format import is_factorized
-from rankwise.decomposition import available_methods, get_method
+from rankwise.decomposition import available_methods, compensation, get_method
 from rankwise.decomposition.base import (
     CalibrationStats,
     DecompositionMethod,
@@ -46,6 +46,7 @@ from rankwise.decomposition.base import (
     relative_error,
     weighted_error,
 )
+from rankwise.decomposition.removal import remove_blocks
 from rankwise.decomposition_report import DecompositionReport, TargetReport
 from rankwise.design.plan import DecompSpec, Plan
 from rankwise.design.ranks import break_even_rank, break_even_rank_tucker, factor_params, resolve_rank
@@ -171,15 +172,41 @@ def decompose(model: nn.Module, plan: Plan | Mapping[str, Any] | str | Path, cal
     methods = {spec.method: get_method(spec.method) for _, spec in chosen}
     check_weights(adapter, chosen)
     request = stats_request(chosen, methods)
-    stats, calib_info, own_stats = gather_stats(model, request, calibration, tokenizer, use_cache, progress)
+    if plan.compensate is True:  # the least-squares refit reads every target's input Gram, data-free methods too
+        request = {info.name: request.get(info.name, frozenset()) | {"gram"} for info, _ in chosen}
+    if plan.compensate == "sequential":  # statistics come from the compressed model itself, layer by layer
+        ids, calib_info = compensation.calibration_tokens(model, calibration, tokenizer)
+        stats, own_stats = {}, True
+    else:
+        stats, calib_info, own_stats = gather_stats(model, request, calibration, tokenizer, use_cache, progress)
     params_before, bytes_before = model_size(model)
     records: list[TargetReport] = []
     with _bar(progress, "decompose", total=len(chosen)) as update:
-        for i, (info, spec) in enumerate(chosen):
+        if plan.compensate == "sequential":
+            def one(info: TargetInfo, spec: DecompSpec, method: DecompositionMethod, st: CalibrationStats) -> Any:
+                return _decompose_target(adapter, info, spec, method, st, fold_mode)
+
+            done = [0]
+
+            def advance(n: int) -> None:
+                done[0] += n
+                update(done[0], len(chosen))
+
+            batch = calibration.batch_size if isinstance(calibration, CalibrationConfig) else 4
+            records = compensation.decompose_sequential(model, adapter, chosen, methods, ids, one, batch, advance)
+        for i, (info, spec) in enumerate(chosen if plan.compensate != "sequential" else ()):
             st = stats.pop(info.name, None) if own_stats else stats.get(info.name)
+            dense = adapter.weight(info.layer, info.role).detach().clone() if plan.compensate else None
             records.append(_decompose_target(adapter, info, spec, methods[spec.method], st, fold_mode))
-            del st
+            if dense is not None and st is not None and st.gram is not None:
+                layer = adapter.linear(info.layer, info.role)
+                if isinstance(layer, FactorizedLinear):
+                    compensation.refit_output_factor(layer, dense, st.gram, st.gram)
+                    compensation.refresh_errors(records[-1], layer, dense, st.gram)
+            del st, dense
             update(i + 1, len(chosen))
+    if plan.remove_layers:  # whole blocks dropped after the decompositions (layer numbers are the original ones)
+        remove_blocks(model, plan.remove_layers)
     params_after, bytes_after = model_size(model)
     first = next(model.parameters(), None)
     report = DecompositionReport(

@@ -127,7 +127,10 @@ class Rule:
 
 
 _RULE_KEYS = {"layers", "tensors", "method", "rank", "force", "skip"}
-_PLAN_KEYS = {"method", "rank", "layers", "tensors", "force", "fold", "overrides", "name"}
+_PLAN_KEYS = {"method", "rank", "layers", "tensors", "force", "fold", "overrides", "name", "compensate", "remove_layers"}
+#: ``compensate``: false, true (refit each kept output factor by least squares on calibration inputs) or
+#: "sequential" (calibrate each layer on the already-compressed model's inputs); see decomposition.compensation.
+COMPENSATE_CHOICES = (False, True, "sequential")
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,8 @@ class Plan:
     fold: str | bool = "auto"
     overrides: tuple[Rule, ...] = ()
     name: str | None = None
+    compensate: bool | str = False  # error compensation after truncation (COMPENSATE_CHOICES)
+    remove_layers: tuple[int, ...] = ()  # blocks dropped whole (layer removal); their targets are not decomposed
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, MethodSpec):
@@ -170,8 +175,13 @@ class Plan:
         name = data.get("name")
         if name is not None and not isinstance(name, str):
             raise PlanError("name: expected a string")
+        compensate = data.get("compensate", False)
+        if compensate not in COMPENSATE_CHOICES or (isinstance(compensate, int) and not isinstance(compensate, bool)):
+            raise PlanError(f"compensate: {compensate!r} must be false, true or sequential")
+        remove = data.get("remove_layers") or []
+        remove_layers = tuple(parse_layers(remove, None, "remove_layers")) if remove else ()
         return cls(layers=layers, tensors=tensors, method=method, rank=rank, force=force, fold=fold,
-                   overrides=overrides, name=name)
+                   overrides=overrides, name=name, compensate=compensate, remove_layers=remove_layers)
 
     @classmethod
     def simple(cls, layers: LayerSelector = "all", tensors: TensorSelector = "all", rank: object = 1,
@@ -209,6 +219,10 @@ class Plan:
             out["force"] = True
         if self.fold != "auto":
             out["fold"] = self.fold
+        if self.compensate:
+            out["compensate"] = self.compensate
+        if self.remove_layers:
+            out["remove_layers"] = list(self.remove_layers)
         if self.overrides:
             out["overrides"] = [r.to_dict() for r in self.overrides]
         return out
@@ -269,6 +283,9 @@ class Plan:
                         resolve_rank(rank, info.out_features, info.in_features,
                                      field=f"{prefix}rank (layer {layer} {role})")
                     chosen[key] = DecompSpec(method=meth, rank=rank, force=force)
+        if self.remove_layers:  # a removed block's targets are gone, not decomposed
+            removed = set(parse_layers(list(self.remove_layers), n_layers, "remove_layers"))
+            chosen = {k: v for k, v in chosen.items() if k[0] not in removed}
         return dict(sorted(chosen.items(), key=lambda kv: (kv[0][0], roles.index(kv[0][1]))))
 
 
