@@ -279,6 +279,8 @@ def test_folder_without_tokenizer_inspects_decomposes_and_says_what_needs_text(t
                             "--method", "asvd", "--calib-seq-len", "16", "--calib-samples", "2",
                             "-o", str(tmp_path / "asvd"), "-q"], capsys)
     assert code == 2 and "has no tokenizer" in err and "Traceback" not in err
+    code, _, err = run_cli(["eval", str(base), "--tasks", "arc_easy", "--limit", "2"], capsys)
+    assert code == 2 and "has no tokenizer" in err and err.count("\n") == 1
     loaded = rankwise.load(base)
     with pytest.raises(ModelLoadError, match=r"has no tokenizer \(no tokenizer files in the folder\)"):
         loaded.tokenizer("text")
