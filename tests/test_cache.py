@@ -14,9 +14,9 @@ from rankwise import caches
 def cache_root(tmp_path, monkeypatch):
     monkeypatch.setenv("RANKWISE_CACHE", str(tmp_path))
     (tmp_path / "calibration").mkdir()
-    (tmp_path / "calibration" / "a.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / "calibration" / f"{'a' * 40}.safetensors").write_bytes(b"x" * 1000)  # named as rankwise names it
     (tmp_path / "execution").mkdir()
-    (tmp_path / "execution" / "cpu.json").write_text("{}")
+    (tmp_path / "execution" / "cpu-x86_64-float32-t2.json").write_text("{}")
     (tmp_path / "mine.txt").write_text("not rankwise's")  # never touched: not a known kind
     return tmp_path
 
@@ -28,8 +28,9 @@ def test_usage_and_clear_one_kind(cache_root, capsys):
     code, out, _ = run_cli(["cache", "--clear", "calibration", "--json"], capsys)
     assert code in (0, None)
     doc = json.loads(out)
-    assert {k["kind"]: k["files"] for k in doc["kinds"]} == {"gguf": 0, "calibration": 0, "execution": 1, "bench": 0}
-    assert not (cache_root / "calibration").exists() and (cache_root / "execution" / "cpu.json").exists()
+    assert {k["kind"]: k["files"] for k in doc["kinds"]} == {"gguf": 0, "calibration": 0, "execution": 1, "bench": 0,
+                                                             "sensitivity": 0}
+    assert not (cache_root / "calibration").exists() and (cache_root / "execution" / "cpu-x86_64-float32-t2.json").exists()
     assert (cache_root / "mine.txt").exists()
 
 

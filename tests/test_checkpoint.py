@@ -187,9 +187,14 @@ def test_save_refuses_to_clobber_and_replaces_atomically(minilm, tmp_path):
     model = copy.deepcopy(minilm.model)
     with pytest.raises(CheckpointError, match="already exists"):
         rankwise.save(model, out)
+    with pytest.raises(CheckpointError, match="not a folder rankwise wrote"):  # user files are never replaced
+        rankwise.save(model, out, overwrite=True)
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
-    rankwise.save(model, out, tokenizer=minilm.tokenizer, overwrite=True)
-    assert not (out / "mine.txt").exists() and (out / "model.safetensors").is_file()
+    (out / "mine.txt").unlink()
+    rankwise.save(model, out, tokenizer=minilm.tokenizer)
+    (out / "stale.txt").write_text("old")
+    rankwise.save(model, out, tokenizer=minilm.tokenizer, overwrite=True)  # a checkpoint rankwise wrote
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
     assert json.loads((out / "config.json").read_text())["quantization_config"]["modules"] == {}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp or trash folders left
     (tmp_path / "file").write_text("x")

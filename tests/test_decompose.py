@@ -247,6 +247,7 @@ def test_cli_nan_weight_and_existing_out(tiny_folder, tmp_path, capsys):
 def test_cli_writes_checkpoint_report_and_json(tiny_folder, tmp_path, capsys):
     out, js = tmp_path / "out", tmp_path / "report.json"
     out.mkdir()
+    (out / "decomposition_report.json").write_text("{}")  # a folder rankwise wrote (its report): replaceable
     (out / "stale.txt").write_text("old")
     code, stdout, _ = run_cli(["decompose", str(tiny_folder / "ok"), "--layers", "0,1", "--tensors", "attn",
                                "--rank", "4", "--method", "svd", "--fold", "true", "-o", str(out), "--overwrite",

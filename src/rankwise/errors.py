@@ -33,7 +33,22 @@ class DecompositionError(RankwiseError):
     """A weight that cannot be decomposed as asked (NaN/Inf, impossible rank)."""
 
 
+class OutputError(RankwiseError):
+    """An output path that cannot be written (a folder where a file is wanted, an unwritable parent, a folder
+    rankwise did not write, another run writing it); reported before the work starts."""
+
+
 def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message, for wrapping library errors in one line."""
+    """The first line of an exception's message, for wrapping library errors in one line.
+
+    A first line that ends with a colon only announces what follows ("Validation error for field 'x':"), so
+    the following lines are joined to it until one completes the sentence; the line itself never ends with
+    a colon."""
     text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    out = lines[0]
+    for line in lines[1:]:
+        if not out.endswith(":"):
+            break
+        out = f"{out} {line}"
+    return out.rstrip(":")

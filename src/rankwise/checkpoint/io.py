@@ -20,7 +20,6 @@ import importlib.resources
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,13 @@ from rankwise.checkpoint.format import (
     is_checkpoint,
     read_config,
 )
+from rankwise.checkpoint.output import (
+    CheckpointError,
+    check_out_folder,
+    make_temp_folder,
+    output_lock,
+    replace_folder,
+)
 from rankwise.errors import ModelLoadError, RankwiseError, first_line
 from rankwise.fileio import dir_mode, file_mode
 
@@ -46,10 +52,6 @@ _AUTO_CLASSES = (
     ("AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
     ("AutoModel", "MODEL_MAPPING_NAMES"),
 )
-
-
-class CheckpointError(RankwiseError):
-    """A checkpoint that cannot be written where asked (exists, not a folder, not a transformers model)."""
 
 
 def base_architecture(model: nn.Module) -> str | None:
@@ -103,23 +105,27 @@ def save(model: nn.Module, out: str | os.PathLike[str], tokenizer: Any = None, r
 
     ``report`` (a :class:`~rankwise.decomposition_report.DecompositionReport`; default: the one
     :func:`rankwise.decompose` attached to the model) provides the plan and ``decomposition_report.json``.
-    An existing ``out`` is an error unless ``overwrite``; either way ``out`` is replaced in one rename.
+    An existing ``out`` is an error unless ``overwrite``, and even then unless rankwise wrote it; either way
+    ``out`` is replaced in one atomic step, under a lock that refuses a concurrent save to the same ``out``
+    (see :mod:`rankwise.checkpoint.output`).
     """
-    from rankwise.surgery import REPORT_ATTR
-
     out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists (pass --overwrite / overwrite=True to replace it)")
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out} exists and is not a folder")
     if not hasattr(model, "save_pretrained") or getattr(model, "config", None) is None:
         raise CheckpointError(f"cannot save a {type(model).__name__}: not a transformers model")
+    with output_lock(out):
+        check_out_folder(out, overwrite)  # also cleans what killed runs left
+        return _save_locked(model, out, tokenizer, report)
+
+
+def _save_locked(model: nn.Module, out: Path, tokenizer: Any, report: Any) -> Path:
+    from rankwise.surgery import REPORT_ATTR
+
     report = report if report is not None else getattr(model, REPORT_ATTR, None)
     plan = getattr(report, "plan", None) if report is not None else _existing_plan(model)
     arch = base_architecture(model)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = make_temp_folder(out)
     except OSError as exc:
         raise CheckpointError(f"cannot write {out}: {first_line(exc)}") from None
     try:
@@ -140,7 +146,7 @@ def save(model: nn.Module, out: str | os.PathLike[str], tokenizer: Any = None, r
             text = report.to_json() if hasattr(report, "to_json") else json.dumps(report, indent=2)
             (tmp / REPORT_FILE).write_text(text + "\n")
         _normal_permissions(tmp)
-        _replace_folder(tmp, out)
+        replace_folder(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write {out}: {first_line(exc)}") from None
@@ -172,21 +178,6 @@ def _normal_permissions(folder: Path) -> None:
     for path in folder.iterdir():
         if path.is_file():
             path.chmod(file_mode())
-
-
-def _replace_folder(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed after."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, trash / out.name)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(trash / out.name, out)
-        raise
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def checkpoint_dtype(folder: str | os.PathLike[str]) -> str | None:

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from rankwise.cli.main import app
 from rankwise.errors import RankwiseError
-from rankwise.fileio import write_json_atomic
+from rankwise.fileio import write_json_atomic, write_or_rescue
 
 
 def parse_ints(text: str, option: str) -> tuple[int, ...]:
@@ -73,6 +73,7 @@ def bench(
     """Dense vs decomposed: parameters, bytes, FLOPs, prefill/decode/scoring speed, memory, energy, ideal vs measured."""
     import torch
 
+    from rankwise.cli.common import check_output_file, on_interrupt, write_note
     from rankwise.efficiency.compare import BenchConfig, compare
     from rankwise.efficiency.execution import choose_execution
     from rankwise.efficiency.pairing import bench_pair, check_pairing
@@ -94,6 +95,8 @@ def bench(
         if threads < 1:
             raise RankwiseError(f"--threads: {threads} is not a positive number of threads")
         torch.set_num_threads(threads)
+    check_output_file(json_out, "--json")  # before the work: a bad path fails now, not after the timings
+    on_interrupt(write_note({"--json": json_out}))
     the_plan = None
     if plan is not None:
         from rankwise.surgery import as_plan
@@ -137,5 +140,5 @@ def bench(
     if result.energy_reason:
         out.print(f"energy: not measurable on this machine ({result.energy_reason})")
     if json_out is not None:
-        write_json_atomic(json_out, result.to_dict())
+        write_or_rescue(json_out, lambda p: write_json_atomic(p, result.to_dict()), "the results")
         out.print(f"results: {json_out}")

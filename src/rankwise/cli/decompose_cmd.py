@@ -18,7 +18,7 @@ from rich.table import Table
 
 from rankwise.cli.main import app
 from rankwise.errors import PlanError, RankwiseError
-from rankwise.fileio import write_json_atomic
+from rankwise.fileio import write_json_atomic, write_or_rescue
 from rankwise.models import DEFAULT_MODEL
 
 
@@ -105,18 +105,21 @@ def decompose(
     """Decompose the planned targets of MODEL and save a checkpoint that loads with rankwise or transformers."""
     from rankwise.calibration.data import CalibrationConfig
     from rankwise.checkpoint import save
-    from rankwise.checkpoint.io import CheckpointError
+    from rankwise.checkpoint.output import check_out_folder, output_lock
+    from rankwise.cli.common import check_output_file, hold, on_interrupt
     from rankwise.models import load
+    from rankwise.settings import check_data_dir
     from rankwise.surgery import decompose as run_decompose
     from rankwise.surgery import parse_fold
 
     # --- everything checkable without the model, before the (slow) load --------------------------------
     if out is None:
         raise RankwiseError("missing --out/-o OUT: the folder to write the decomposed checkpoint to")
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists (pass --overwrite to replace it)")
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out} exists and is not a folder")
+    hold(output_lock(out))  # a second run into the same OUT is refused now, not after decomposing
+    check_out_folder(out, overwrite)
+    check_output_file(json_out, "--json")
+    check_data_dir(data_dir)
+    on_interrupt(f"{out} was not written" + (" (the previous one is unchanged)" if out.exists() else ""))
     the_plan = build_plan(plan, layers, tensors, rank, method, force, method_arg)
     fold_mode = parse_fold(fold) if fold is not None else None
     calibration = CalibrationConfig(dataset=calib_data, n_samples=calib_samples, seq_len=calib_seq_len,
@@ -126,10 +129,11 @@ def decompose(
     report = run_decompose(loaded.model, the_plan, calibration, tokenizer=loaded.tokenizer, fold=fold_mode,
                            progress=not quiet, use_cache=calib_cache, name=model)
     save(loaded.model, out, tokenizer=loaded.tokenizer, report=report, overwrite=overwrite)
+    on_interrupt(f"the checkpoint was saved to {out}")
     data = report.to_dict()
     data["checkpoint"] = str(out)
     if json_out is not None:
-        write_json_atomic(json_out, data)
+        write_or_rescue(json_out, lambda path: write_json_atomic(path, data), "the report")
     print_summary(data)
 
 

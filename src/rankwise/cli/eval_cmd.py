@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rankwise.cli.main import app
-from rankwise.errors import RankwiseError
+from rankwise.errors import OutputError, RankwiseError
 from rankwise.evaluation.registry import EvalOptions
 from rankwise.evaluation.results import TaskResult
 from rankwise.evaluation.sampling import validate as validate_subset
@@ -58,7 +58,10 @@ def eval_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Evaluate a model on benchmarks: accuracy (acc, acc_norm) or perplexity, with standard errors."""
+    from rankwise.cli.common import check_output_file, on_interrupt, write_note
     from rankwise.evaluation import runner
+    from rankwise.fileio import write_or_rescue
+    from rankwise.settings import check_data_dir
 
     if harness not in HARNESSES:
         raise RankwiseError(f"unknown harness '{harness}': choose one of {', '.join(HARNESSES)}")
@@ -77,6 +80,7 @@ def eval_command(
                           batch_size=batch_size, seq_len=seq_len, log_samples=log_samples is not None,
                           progress=not quiet, strategy=strategy)
     validate_subset(limit, sample)
+    check_data_dir(data_dir)
     if harness == "rankwise":
         resolved = runner.resolve_tasks(names)
         runner.check_data(resolved, options)
@@ -84,9 +88,10 @@ def eval_command(
         from rankwise.evaluation.harness import import_lm_eval
 
         import_lm_eval()  # a one-line error before the model loads if the extra is missing
-    for path in (json_out, log_samples):
-        if path is not None and path.exists() and path.is_dir():
-            raise RankwiseError(f"{path} is a folder; give a file path")
+    check_output_file(json_out, "--json")  # before the work: a bad path fails now, not after an hour
+    check_output_file(log_samples, "--log-samples")
+    on_interrupt(write_note({"--json": json_out, "--log-samples": log_samples}) +
+                 " (the results of finished tasks are printed above)")
 
     from rankwise.models import load
 
@@ -118,12 +123,21 @@ def eval_command(
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "seconds": elapsed,
     }
+    failed: list[str] = []  # each output is written (or rescued) even if the other fails
     if json_out is not None:
-        runner.save_results(json_out, results, meta)
-        console.print(f"results written to {json_out}")
+        try:
+            write_or_rescue(json_out, lambda path: runner.save_results(path, results, meta), "the results")
+            console.print(f"results written to {json_out}")
+        except OutputError as exc:
+            failed.append(str(exc))
     if log_samples is not None:
-        n = runner.save_samples(log_samples, results)
-        console.print(f"{n} per-item records written to {log_samples}")
+        try:
+            n = write_or_rescue(log_samples, lambda path: runner.save_samples(path, results), "the per-item records")
+            console.print(f"{n} per-item records written to {log_samples}")
+        except OutputError as exc:
+            failed.append(str(exc))
+    if failed:
+        raise OutputError("; ".join(failed))
 
 
 def _done_line(r: TaskResult) -> str:

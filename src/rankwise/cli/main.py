@@ -78,11 +78,12 @@ def run(argv: list[str] | None = None) -> None:
     try:
         with command_scope():
             try:
-                code = app(args=argv, standalone_mode=False)
+                code = app(args=argv, standalone_mode=False)  # typer returns 130 for Ctrl-C (no command does)
             except (KeyboardInterrupt, Abort) as exc:
                 if not isinstance(exc, KeyboardInterrupt) and not isinstance(exc.__context__, KeyboardInterrupt):
                     raise
-                # Ctrl-C: say what was kept (the command's own note) and exit as shells expect (128 + SIGINT)
+                code = 130
+            if code == 130:  # Ctrl-C: say what was kept (the command's note) and exit as shells expect
                 print(f"\ninterrupted: {interrupt_note()}", file=sys.stderr)
                 sys.exit(130)
     except RankwiseError as exc:

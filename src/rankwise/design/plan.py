@@ -157,7 +157,7 @@ class Plan:
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
         if not isinstance(data, Mapping):
             raise PlanError("plan: expected a mapping of fields (method, rank, layers, tensors, overrides)")
-        unknown = sorted(set(data) - _PLAN_KEYS)
+        unknown = sorted(set(data) - _PLAN_KEYS, key=str)  # keys of any YAML type
         if unknown:
             raise PlanError(f"plan: unknown field '{unknown[0]}' (known: {', '.join(sorted(_PLAN_KEYS))})")
         method = MethodSpec.parse(data.get("method", "tucker"), "method")
@@ -193,19 +193,35 @@ class Plan:
 
     @classmethod
     def from_text(cls, text: str, fmt: str = "yaml") -> Plan:
+        """A plan as a person writes it: it must say what it decomposes. An empty text, or one without
+        ``layers`` and ``tensors`` (each a selection or ``all``), is an error rather than the defaults: a
+        plan that silently decomposes every target of the model is never what its author meant."""
         try:
             data = json.loads(text) if fmt == "json" else yaml.safe_load(text)
         except (ValueError, yaml.YAMLError) as exc:
-            raise PlanError(f"plan: not valid {fmt.upper()} ({str(exc).splitlines()[0]})") from None
-        return cls.from_dict(data if data is not None else {})
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            raise PlanError(f"plan: not valid {fmt.upper()} ({message[:200]})") from None
+        if data is None or (isinstance(data, Mapping | list | str) and not data):
+            raise PlanError("plan: empty; say what to decompose, e.g. layers: [2, 17], tensors: all, rank: 1")
+        plan = cls.from_dict(data)  # the fields' own errors first
+        missing = [key for key in ("layers", "tensors") if key not in data]
+        if missing:
+            raise PlanError(f"plan: no '{missing[0]}' field; a plan names its layers (e.g. [2, 17], 20-29) "
+                            f"and tensors (e.g. [q, k], mlp), or says all")
+        return plan
 
     @classmethod
     def from_file(cls, path: str | Path) -> Plan:
         path = Path(path)
         try:
-            text = path.read_text()
+            raw = path.read_bytes()
         except OSError as exc:
             raise PlanError(f"plan file {path}: {exc.strerror or exc}") from None
+        try:
+            text = raw.decode("utf-8-sig")  # a byte-order mark, as some editors write, is fine
+        except UnicodeDecodeError as exc:
+            raise PlanError(f"plan file {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                            f"{exc.start}); save it as UTF-8") from None
         return cls.from_text(text, "json" if path.suffix == ".json" else "yaml")
 
     # --- serialisation ---------------------------------------------------------------------------------------
@@ -312,7 +328,7 @@ def _check_tensors(value: Any, field_name: str) -> TensorSelector:
 def _rule_from_dict(data: Any, prefix: str) -> Rule:
     if not isinstance(data, Mapping):
         raise PlanError(f"{prefix}: expected a mapping with layers, tensors, rank, method")
-    unknown = sorted(set(data) - _RULE_KEYS)
+    unknown = sorted(set(data) - _RULE_KEYS, key=str)  # keys of any YAML type
     if unknown:
         raise PlanError(f"{prefix}: unknown field '{unknown[0]}' (known: {', '.join(sorted(_RULE_KEYS))})")
     if "layers" not in data:

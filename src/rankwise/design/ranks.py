@@ -1,6 +1,7 @@
 """Rank conventions, as in TensorLy: how a plan says "how much to keep" for one matrix.
 
-* an ``int`` r >= 1 is an exact rank;
+* an ``int`` r >= 1 is an exact rank (a float with an integer value above 1, ``2.0``, too; ``1.0`` is
+  refused as ambiguous between exact rank 1 and keeping all of the parameters);
 * a ``float`` in (0, 1) is the fraction of the matrix's parameters to keep (the factors' parameter count,
   which depends on the factorized form, must not exceed ``fraction * m * n``);
 * ``"energy:0.9"`` keeps the smallest rank whose singular values hold that fraction of the squared
@@ -51,7 +52,10 @@ def parse_rank(value: object, field: str = "rank") -> RankSpec:
             raise PlanError(f"{field}: rank {value} is below 1")
         return RankSpec("exact", value)
     if isinstance(value, float):
-        if value.is_integer() and value >= 1:
+        if value == 1.0:  # exact rank 1, or all of the parameters? Refused rather than guessed.
+            raise PlanError(f"{field}: 1.0 is ambiguous: write 1 for exact rank 1, or a fraction below 1 "
+                            f"(e.g. 0.99) to keep that share of the parameters")
+        if value.is_integer() and value > 1:
             return RankSpec("exact", int(value))
         if not 0.0 < value < 1.0:
             raise PlanError(f"{field}: {value} is neither an int rank >= 1 nor a parameter fraction in (0, 1)")
@@ -67,12 +71,16 @@ def parse_rank(value: object, field: str = "rank") -> RankSpec:
                 raise PlanError(f"{field}: energy fraction {energy} is not in (0, 1]")
             return RankSpec("energy", energy)
         try:
+            return parse_rank(int(text), field)  # "1" is exact rank 1; "1.0" is the float, and ambiguous
+        except ValueError:
+            pass
+        try:
             number = float(text)
         except ValueError:
             raise PlanError(
                 f"{field}: '{value}' is not a rank (use an int >= 1, a fraction in (0, 1) or 'energy:F')"
             ) from None
-        return parse_rank(int(number) if number.is_integer() else number, field)
+        return parse_rank(number, field)
     raise PlanError(f"{field}: {value!r} is not a rank (use an int >= 1, a fraction in (0, 1) or 'energy:F')")
 
 

@@ -8,6 +8,7 @@ an ordinary safetensors folder keyed by the GGUF file's content hash; later load
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,7 +22,14 @@ from typing import Any
 import torch
 
 from rankwise.errors import ModelLoadError, first_line
+from rankwise.fileio import remove_stale, write_text_atomic
 from rankwise.models.bundled import BUNDLED
+from rankwise.models.integrity import (
+    check_loading_info,
+    check_safetensors_structure,
+    record_files,
+    verify_files,
+)
 from rankwise.settings import cache_dir
 
 log = logging.getLogger(__name__)
@@ -177,9 +185,11 @@ def _load_folder(folder: Path, name: str, source: str, dtype: torch.dtype, devic
     try:
         config = AutoConfig.from_pretrained(folder)
         kind = _model_kind(config, kind_hint)
-        model = _auto_classes(kind).from_pretrained(folder, dtype=dtype, use_safetensors=True)
+        model, loading = _auto_classes(kind).from_pretrained(folder, dtype=dtype, use_safetensors=True,
+                                                             output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as exc:  # transformers raises many types for corrupt or mismatched weights
         raise ModelLoadError(f"cannot load model from {folder}: {first_line(exc)}") from None
+    check_loading_info(loading, folder)  # missing, unexpected or mis-shaped tensors: an error, never random weights
     tokenizer = _optional_tokenizer(lambda: AutoTokenizer.from_pretrained(folder), str(folder), folder)
     return _finish(model, tokenizer, name=name, source=source, kind=kind, device=device)
 
@@ -199,10 +209,12 @@ def _load_hub(model_id: str, dtype: torch.dtype, device: str) -> LoadedModel:
         ) from None
     kind = _model_kind(config, None)
     try:
-        model = _auto_classes(kind).from_pretrained(model_id, dtype=dtype, use_safetensors=True,
-                                                    local_files_only=offline)
+        model, loading = _auto_classes(kind).from_pretrained(model_id, dtype=dtype, use_safetensors=True,
+                                                             local_files_only=offline, output_loading_info=True,
+                                                             ignore_mismatched_sizes=True)
     except Exception as exc:
         raise ModelLoadError(f"cannot load model '{model_id}' from the Hub: {first_line(exc)}") from None
+    check_loading_info(loading, model_id)
     tokenizer = _optional_tokenizer(lambda: AutoTokenizer.from_pretrained(model_id, local_files_only=offline),
                                     f"'{model_id}'", None)
     return _finish(model, tokenizer, name=model_id, source=f"hf:{model_id}", kind=kind, device=device)
@@ -308,12 +320,19 @@ def gguf_cache_folder(gguf_path: Path) -> Path:
         raise ModelLoadError(f"cannot read {gguf_path}: {first_line(exc)}") from None
     target = cache_dir() / "gguf" / digest[:32]
     if (target / _CACHE_DONE).is_file():
-        return target
+        problem = _verify_gguf_entry(target)
+        if problem is None:
+            return target
+        log.warning("the cached conversion of %s is damaged (%s): rebuilding it (%s)", gguf_path.name, problem,
+                    target)
+        _discard(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    remove_stale(target.parent, ".convert-")  # conversions of killed processes
+    tmp = Path(tempfile.mkdtemp(prefix=f".convert-{os.getpid()}-", dir=target.parent))
     try:
         _convert_gguf(gguf_path, tmp)
-        (tmp / _CACHE_DONE).write_text(json.dumps({"gguf": str(gguf_path), "sha256": digest}))
+        record = {"gguf": str(gguf_path), "sha256": digest, "files": record_files(tmp, exclude=[_CACHE_DONE])}
+        (tmp / _CACHE_DONE).write_text(json.dumps(record, indent=1))
         if target.exists():  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
         else:
@@ -322,6 +341,41 @@ def gguf_cache_folder(gguf_path: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _verify_gguf_entry(target: Path) -> str | None:
+    """None if a converted-GGUF cache entry is intact (every file's recorded size and hash); else what is
+    wrong. An entry made before sizes and hashes were recorded is checked by its safetensors headers and,
+    if sound, gets its record now."""
+    try:
+        record = json.loads((target / _CACHE_DONE).read_text())
+        if not isinstance(record, dict):
+            raise ValueError(_CACHE_DONE)
+    except (OSError, ValueError):
+        return f"{_CACHE_DONE} is unreadable"
+    if "files" in record:
+        return verify_files(target, record["files"])
+    weights = sorted(target.glob("*.safetensors"))
+    if not weights or not (target / "config.json").is_file():
+        return "no weights or config.json"
+    for path in weights:
+        problem = check_safetensors_structure(path)
+        if problem is not None:
+            return problem
+    record["files"] = record_files(target, exclude=[_CACHE_DONE])
+    with contextlib.suppress(OSError):  # verified this time; a later run that can write records it
+        write_text_atomic(target / _CACHE_DONE, json.dumps(record, indent=1))
+    return None
+
+
+def _discard(entry: Path) -> None:
+    """Move a damaged cache entry aside (a process still reading it keeps its open files) and delete it."""
+    aside = entry.parent / f".bad-{os.getpid()}-{entry.name}"
+    try:
+        os.replace(entry, aside)
+    except OSError:
+        aside = entry
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _convert_gguf(gguf_path: Path, out: Path) -> None:
