@@ -52,8 +52,8 @@ from rankwise.design.plan import DecompSpec, Plan
 from rankwise.design.ranks import break_even_rank, break_even_rank_tucker, factor_params, resolve_rank
 from rankwise.errors import DataError, PlanError
 from rankwise.layers.factorized import FactorizedLinear
+from rankwise.layers.transposed import dense_like
 from rankwise.models.adapters import ArchitectureAdapter, TargetInfo, adapter_for
-from rankwise.models.layouts import dense_like
 
 #: What ``calibration=`` may be: nothing (defaults), settings, token windows, or statistics per module name.
 Calibration = CalibrationConfig | torch.Tensor | Mapping[str, CalibrationStats] | None

@@ -25,7 +25,8 @@ from torch import nn
 
 from rankwise.layers.factorized import FactorizedLinear, FactorizedShape
 from rankwise.layers.modules import is_factorized
-from rankwise.models.layouts import STORED_TRANSPOSED, is_transposed, projection_shape
+from rankwise.layers.transposed import STORED_TRANSPOSED
+from rankwise.models.layouts import is_transposed, projection_shape
 
 QUANT_METHOD = "rankwise"
 FORMAT_VERSION = 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from rankwise.layers.factorized import FactorizedLinear
-from rankwise.models.layouts import dense_like
+from rankwise.layers.transposed import dense_like
 
 
 def is_factorized(module: nn.Module) -> bool:

@@ -37,11 +37,10 @@ import torch
 from torch import nn
 
 from rankwise.errors import PlanError
+from rankwise.layers.transposed import STORED_TRANSPOSED, as_transposed
 from rankwise.models.layouts import (
     ATTENTION_ROLES,
     ROLE_ORDER,
-    STORED_TRANSPOSED,
-    as_transposed,
     block_roles,
     is_factorized_like,
     is_transposed,
