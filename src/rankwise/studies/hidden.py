@@ -9,10 +9,10 @@ so every metric is identical to a full forward pass; what is saved is k/L of the
 
 Why it is exact and safe:
 
-* the evaluation issues the same sequence of forward calls for the same items and options whatever the
-  model's weights (batching depends on token lengths only), so calls are matched by their index within a
-  measurement session, and each replayed tensor's shape is checked against the live one (a mismatch is a
-  bug and raises rather than returning wrong numbers);
+* a call's hidden states before the first changed block depend only on its token ids, attention mask
+  and position ids, so recordings are keyed by a hash of those (a call never seen before simply runs in
+  full), and each replayed tensor's shape is checked against the live one (a mismatch raises rather than
+  returning wrong numbers);
 * calls that use a KV cache (``past_key_values`` given, or ``use_cache=True`` asked: the engine's shared
   prompt heads) run in full, since the skipped blocks would leave their cache layers empty;
 * a recording is kept only if its whole session finished; blocks are swapped back in ``finally``.
@@ -24,6 +24,7 @@ It is used only for architectures whose blocks return a plain tensor (Llama-styl
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +32,23 @@ import torch
 from torch import nn
 
 from rankwise.models.adapters import adapter_for
+
+
+def call_key(args: tuple, kwargs: dict) -> str | None:
+    """What decides the hidden states of a forward call: token ids, attention mask, position ids (hashed).
+    None when the call has no token ids to identify it (e.g. embeddings passed directly)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, torch.Tensor):
+        return None
+    digest = hashlib.sha1()
+    for name, value in (("ids", ids), ("mask", kwargs.get("attention_mask")), ("pos", kwargs.get("position_ids"))):
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            digest.update(t.numpy().tobytes() if t.dtype != torch.bool else t.to(torch.uint8).numpy().tobytes())
+        elif value is not None:
+            return None  # a mask in some other form: do not guess
+    return digest.hexdigest()
 
 
 class _SkipBlock(nn.Module):
@@ -53,7 +71,7 @@ class HiddenStateCache:
     def __init__(self, model: nn.Module, max_bytes: int) -> None:
         self.model = model
         self.max_bytes = max_bytes
-        self.store: dict[int, list[torch.Tensor | None]] = {}
+        self.store: dict[int, dict[str, torch.Tensor]] = {}
         self.bytes = 0
         self.replaying = False
         self.enabled = True
@@ -80,14 +98,14 @@ class HiddenStateCache:
         parent_path, _, attr = adapter.blocks_path.rpartition(".")
         blocks: nn.ModuleList = getattr(self.model.get_submodule(parent_path) if parent_path else self.model, attr)
         originals = list(blocks)
-        recordings: dict[int, list[torch.Tensor | None]] = {lay: [] for lay in record}
-        state = {"call": -1, "replayable": False}
+        recordings: dict[int, dict[str, torch.Tensor]] = {lay: {} for lay in record}
+        state: dict[str, Any] = {"key": None}
         handles = []
 
         def on_model(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            state["call"] += 1
-            state["replayable"] = kwargs.get("past_key_values") is None and kwargs.get("use_cache") is not True
-            self.replaying = replay is not None and state["replayable"]
+            replayable = kwargs.get("past_key_values") is None and kwargs.get("use_cache") is not True
+            state["key"] = call_key(args, kwargs) if replayable else None
+            self.replaying = replay is not None and state["key"] is not None and state["key"] in self.store[replay]
             if self.replaying:
                 self.replayed_calls += 1
                 self.skipped_blocks += replay  # type: ignore[operator]
@@ -95,20 +113,18 @@ class HiddenStateCache:
         def on_replay_block(_module: nn.Module, args: tuple, kwargs: dict) -> Any:
             if not self.replaying:
                 return None
-            saved = self.store[replay][state["call"]]  # type: ignore[index]
+            saved = self.store[replay][state["key"]]  # type: ignore[index]
             live = self._hidden(args, kwargs)
-            if saved is None or saved.shape != live.shape:
-                raise RuntimeError(f"hidden-state replay: call {state['call']} does not match the recording "
-                                   f"({None if saved is None else tuple(saved.shape)} vs {tuple(live.shape)})")
+            if saved.shape != live.shape or saved.dtype != live.dtype:
+                raise RuntimeError(f"hidden-state replay: recorded {tuple(saved.shape)} vs live {tuple(live.shape)}")
             if args:
                 return (saved, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": saved}
 
         def recorder(layer: int) -> Any:
             def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-                calls = recordings[layer]
-                calls.extend([None] * (state["call"] - len(calls)))
-                calls.append(self._hidden(args, kwargs).detach() if state["replayable"] else None)
+                if state["key"] is not None:
+                    recordings[layer][state["key"]] = self._hidden(args, kwargs).detach()
             return hook
 
         try:
@@ -122,11 +138,9 @@ class HiddenStateCache:
             if not self.verified:
                 handles.append(originals[0].register_forward_hook(self._check_output))
             yield
-            total_calls = state["call"] + 1
             for lay in record:
                 calls = recordings[lay]
-                calls.extend([None] * (total_calls - len(calls)))
-                size = sum(t.numel() * t.element_size() for t in calls if t is not None)
+                size = sum(t.numel() * t.element_size() for t in calls.values())
                 if self.bytes + size > self.max_bytes or not self.enabled:
                     break
                 self.store[lay] = calls

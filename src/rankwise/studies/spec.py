@@ -391,6 +391,8 @@ def load_spec(source: str | Path | Mapping[str, Any]) -> StudySpec:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError(f"study spec {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"study spec {path} is not UTF-8 text (offset {exc.start}); save it as UTF-8") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
