@@ -304,3 +304,31 @@ def test_merged_conv1d_model_saves_and_reloads_as_its_architecture(tmp_path):
     rankwise.merge(loaded)
     assert is_transposed(loaded.transformer.h[0].attn.c_attn)
     assert torch.allclose(_run(loaded, spec), merged, atol=1e-6, rtol=1e-5)
+
+
+def test_no_architecture_is_named_outside_the_layout_table():
+    """Roles come from structure: no string in src/rankwise (docstrings aside) is a language-model family's
+    model_type or class name, except in the one table of module-name patterns (models/layouts.py)."""
+    import ast
+    from pathlib import Path
+
+    from transformers.models.auto import modeling_auto as auto
+
+    mappings = (auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+                auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+    names = {key.lower() for mapping in mappings for key in mapping}
+    names |= {cls.lower() for mapping in mappings for value in mapping.values()
+              for cls in (value if isinstance(value, tuple | list) else (value,))}
+    package = Path(rankwise.__file__).parent
+    found = []
+    for path in package.rglob("*.py"):
+        if path == package / "models" / "layouts.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+                      and node.body and isinstance(node.body[0], ast.Expr)}
+        found += [f"{path.relative_to(package)}:{node.lineno} {node.value!r}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                  and id(node) not in docstrings and node.value.lower() in names]
+    assert not found, found
