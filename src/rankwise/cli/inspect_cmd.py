@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -20,6 +21,9 @@ def inspect(
     model: Annotated[str, typer.Argument(help="Bundled alias, HF model id, local folder or .gguf file.")] = DEFAULT_MODEL,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    plot: Annotated[Path | None, typer.Option(
+        "--plot", help="Also write singular-value spectra figures (PNG, SVG) and spectra.json into this folder.")
+    ] = None,
 ) -> None:
     """Per-target shapes, break-even ranks, energy ranks, stable ranks, and the design-space size."""
     console = Console(stderr=True)
@@ -29,10 +33,33 @@ def inspect(
         task = bar.add_task("spectra", total=None)
         report = inspect_model(loaded.model, loaded.info,
                                progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if plot is not None:
+        _write_plots(loaded, plot, console)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
     _print_human(report)
+    if plot is not None:
+        Console().print(f"spectra figures written to {plot}/ (spectra, cumulative-energy, energy-ranks; PNG and SVG)")
+
+
+def _write_plots(loaded, folder: Path, console: Console) -> None:
+    """``--plot DIR``: the spectra figures of :mod:`rankwise.reports.spectra`, each file written atomically."""
+    from rankwise.errors import RankwiseError
+    from rankwise.fileio import write_json_atomic
+    from rankwise.reports.figures import spectra_figures
+    from rankwise.reports.spectra import model_spectra
+    from rankwise.reports.style import save_figure
+
+    if folder.exists() and not folder.is_dir():
+        raise RankwiseError(f"--plot: {folder} exists and is not a folder")
+    with console.status("spectra figures"):
+        doc = model_spectra(loaded.model, loaded.info.name)
+        for entry in spectra_figures(doc):
+            if entry.figure is None:
+                raise RankwiseError(f"--plot: cannot draw {entry.name}: {entry.reason}")
+            save_figure(entry.figure, folder, entry.name)
+        write_json_atomic(folder / "spectra.json", doc)
 
 
 def _print_human(report: dict) -> None:

@@ -147,28 +147,27 @@ def energy_figure(spectra: dict[str, Any]) -> Figure:
 
 
 def energy_rank_figure(spectra: dict[str, Any]) -> Figure:
-    """Ranks holding 90% (solid) and 99% (dashed) of the energy, % of full rank, per role across layers."""
+    """Ranks holding 90% (left) and 99% (right) of the energy, % of full rank, one line per role across layers."""
     groups = _by_role(spectra)
-    fig = new_figure(8.0, 4.4)
-    ax = fig.add_subplot()
+    fig = new_figure(11.0, 4.2)
+    axes = fig.subplots(1, 2, sharey=True)
     from matplotlib import colormaps
 
     colors = colormaps["tab10"]
-    for i, (role, ts) in enumerate(groups.items()):
-        layers = [t["layer"] for t in ts]
-        for level, style in ((0.90, "-"), (0.99, "--")):
+    for ax, level in zip(axes, (0.90, 0.99), strict=True):
+        for i, (role, ts) in enumerate(groups.items()):
+            layers = [t["layer"] for t in ts]
             vals = [100 * energy_rank(t["singular_values"], level) / len(t["singular_values"]) for t in ts]
-            ax.plot(layers, vals, style, marker="o" if style == "-" else None, markersize=3, color=colors(i % 10),
-                    linewidth=1.1, label=role if style == "-" else None, gid=f"erank{int(level * 100)}:{role}")
-    ax.plot([], [], "k-", label="90% energy")
-    ax.plot([], [], "k--", label="99% energy")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("energy rank (% of full rank min(m, n))")
-    ax.set_ylim(0, 102)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncols=2, loc="lower right")
-    ax.set_title(f"Energy ranks per role across layers: {spectra.get('model', 'model')}", fontsize=10)
+            ax.plot(layers, vals, "-o", markersize=2.5, color=colors(i % 10), linewidth=1.1,
+                    label=role if level == 0.90 else None, gid=f"erank{round(level * 100)}:{role}")
+        ax.set_title(f"rank holding {level:.0%} of the energy", fontsize=9)
+        ax.set_xlabel("layer")
+        ax.set_ylim(0, 102)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("energy rank (% of full rank min(m, n))")
+    fig.legend(loc="outside right center", fontsize=8, title="role", title_fontsize=8)
+    fig.suptitle(f"Energy ranks per role across layers: {spectra.get('model', 'model')}", fontsize=10)
     set_caption(fig, _caption_base(spectra).replace("; one line per layer, colour = layer.", ".")
                 + " Energy rank: smallest r whose top-r singular values hold that share of Σσ² "
-                "(as `rankwise inspect` reports).")
+                "(as `rankwise inspect` reports); one line per role.")
     return fig
