@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from helpers import run_cli, tiny_llama
-from rankwise.errors import ModelLoadError, OutputError, PlanError, RankwiseError, first_line
+from rankwise.errors import ModelLoadError, OutputError, RankwiseError, first_line
 
 DEAD_PID = 99_999_999  # above Linux's largest pid (4194304): never a live process
 
@@ -484,7 +484,7 @@ scalars = (st.none() | st.booleans() | st.integers(-5, 40) | st.floats(allow_nan
                               "svd", "SVD", "tucker", "asvd", "pca", "1.0", "0.5", "", " ", "auto", "true"])
            | st.text(max_size=8))
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                      | st.dictionaries(st.sampled_from(PLAN_KEYS + ["name", "alpha", "solver"]) | st.text(max_size=4),
+                      | st.dictionaries(st.sampled_from([*PLAN_KEYS, "alpha", "solver"]) | st.text(max_size=4),
                                         inner, max_size=4), max_leaves=12)
 plans = st.dictionaries(st.sampled_from(PLAN_KEYS) | scalars.filter(lambda v: v is None or isinstance(v, int | str)),
                         values, max_size=6)
@@ -624,6 +624,19 @@ def test_kill_loop_eval_json(tiny_with_tokenizer, tmp_path):
 
     def whole(path: Path) -> None:
         doc = json.loads(path.read_text())  # complete, parseable JSON: never a truncated file
-        assert doc["results"] if "results" in doc else doc
+        assert doc["results"]["arc_easy"]["n"] == 20
 
     _kill_loop(argv, out, whole, kills=20, seed=16)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=160) | st.text(max_size=160).map(str.encode))
+def test_fuzzed_study_spec_files_give_a_spec_error_or_a_spec(tmp_path, content):
+    from rankwise.studies.spec import load_spec
+
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(content)
+    try:
+        load_spec(path)
+    except RankwiseError as exc:
+        assert "\n" not in str(exc)
