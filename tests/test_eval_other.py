@@ -334,3 +334,28 @@ def test_winogrande_rejects_a_record_without_answer(tmp_path):
     path.write_text(json.dumps({"sentence": "A _ b.", "option1": "x", "option2": "y", "answer": ""}) + "\n")
     with pytest.raises(DataError, match="answer must be"):
         winogrande.read_records(Path(path))
+
+
+# ----------------------------------------------------------------------------------- lm-eval bindings
+
+
+def test_every_lm_eval_binding_is_declared_by_its_task_and_names_an_existing_lm_eval_task():
+    """harness.local_tasks() is the registry's declared bindings; each names a task file lm-eval ships and
+    a split its records provide (ARC's conversion checked against the data)."""
+    from rankwise.evaluation import harness
+    from rankwise.evaluation.registry import task_names
+
+    table = harness.local_tasks()
+    assert {"arc_easy", "hellaswag", "piqa", "boolq", "openbookqa", "truthfulqa_mc1", "truthfulqa_mc2",
+            "lambada_openai", "copa", "rte", "wsc", "mmlu_anatomy"} <= set(table)
+    assert set(table) <= set(task_names()) and len([n for n in table if n.startswith("mmlu_")]) == 57
+    root = harness._tasks_root()
+    for name, binding in table.items():
+        assert (root / binding.yaml).is_file(), (name, binding.yaml)
+        assert binding.split in ("test", "validation")
+    groups = harness._groups()
+    assert groups["mmlu"] == ["mmlu_humanities", "mmlu_other", "mmlu_social_sciences", "mmlu_stem"] or \
+        sorted(groups["mmlu"]) == ["mmlu_humanities", "mmlu_other", "mmlu_social_sciences", "mmlu_stem"]
+    assert sum(len(groups[g]) for g in groups["mmlu"]) == 57
+    records = table["arc_easy"].records(_opts())["test"]
+    assert len(records) == 2376 and set(records[0]) == {"id", "question", "choices", "answerKey"}

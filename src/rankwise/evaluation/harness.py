@@ -2,10 +2,11 @@
 
 ``--harness lm-eval`` evaluates the *loaded model object* (also an in-memory decomposed one) with lm-eval's
 ``simple_evaluate`` and ``HFLM(pretrained=model, tokenizer=...)``. For the tasks rankwise defines, lm-eval
-is pointed at the same local files: :func:`write_local_tasks` converts each file into the record layout
-of the Hugging Face dataset lm-eval's task reads, and writes a task YAML that *includes lm-eval's own task
-file* (so prompts, choices, ``process_docs`` and metrics are lm-eval's) with only the dataset swapped for
-``dataset_path: json``. Other task names go to lm-eval's registry unchanged (they need network access).
+is pointed at the same local files: each task declares its binding next to its own data reading (lm-eval's
+task YAML, the split, and the conversion of its file into the record layout of the Hugging Face dataset
+lm-eval's task reads); :func:`write_local_tasks` loops over the registry, writes those records and a task
+YAML that *includes lm-eval's own task file* (so prompts, choices, ``process_docs`` and metrics are
+lm-eval's) with only the dataset swapped for ``dataset_path: json``. Other task names go to lm-eval's registry unchanged (they need network access).
 
 The parity tests use the same conversion to compare rankwise with lm-eval item by item.
 """
@@ -14,15 +15,14 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from rankwise.errors import RankwiseError, first_line
-from rankwise.evaluation.registry import EvalOptions, Task
+from rankwise.evaluation.registry import EvalOptions, LmEvalBinding, get_task, task_names
 from rankwise.evaluation.results import TaskResult
 from rankwise.evaluation.sampling import select
 
@@ -44,135 +44,24 @@ def import_lm_eval() -> Any:
 # --------------------------------------------------------------------------------------------- conversion
 
 
-@dataclass(frozen=True)
-class LocalTask:
-    """How to run one rankwise task in lm-eval on local data."""
-
-    base_yaml: str  # lm-eval's task file, relative to lm_eval/tasks
-    split: str  # the split name lm-eval's task evaluates ("test" or "validation")
-    records: Callable[[EvalOptions], dict[str, list[dict[str, Any]]]]  # split name -> records
-
-
-def _task(name: str) -> Task:
-    from rankwise.evaluation.registry import get_task
-
-    return get_task(name)
-
-
-def _arc_records(name: str) -> Callable[[EvalOptions], dict[str, list[dict]]]:
-    def build(options: EvalOptions) -> dict[str, list[dict]]:
-        from rankwise.evaluation.datafiles import read_jsonl
-
-        task = _task(name)
-        (rel,) = task.required_files()  # type: ignore[attr-defined]
-        rows = read_jsonl(task.data_path(options, rel))
-        return {"test": [{"id": r["id"], "question": r["question"]["stem"],
-                          "choices": {"text": [c["text"] for c in r["question"]["choices"]],
-                                      "label": [c["label"] for c in r["question"]["choices"]]},
-                          "answerKey": r["answerKey"]} for r in rows]}
-    return build
-
-
-def _hellaswag_records(options: EvalOptions) -> dict[str, list[dict]]:
-    from rankwise.evaluation.tasks import hellaswag
-
-    return {"validation": hellaswag.load_records(Task.data_path(options, hellaswag.RELATIVE_PATH))}
-
-
-def _piqa_records(options: EvalOptions) -> dict[str, list[dict]]:
-    from rankwise.evaluation.tasks import piqa
-
-    return {"validation": piqa.load_records(Task.data_path(options, "piqa/valid.jsonl"),
-                                            Task.data_path(options, "piqa/valid-labels.lst"))}
-
-
-def _boolq_records(options: EvalOptions) -> dict[str, list[dict]]:
-    from rankwise.evaluation.datafiles import read_jsonl
-    from rankwise.evaluation.tasks.boolq import parse_bool
-
-    path = Task.data_path(options, "boolq/val.jsonl")
-    return {"validation": [{"question": r["question"], "passage": r["passage"], "idx": r.get("idx"),
-                            "label": int(parse_bool(r["label"], str(path)))} for r in read_jsonl(path)]}
-
-
-def _openbookqa_records(options: EvalOptions) -> dict[str, list[dict]]:
-    from rankwise.evaluation.tasks import openbookqa
-
-    return {"test": openbookqa.load_records(Task.data_path(options, "openbookqa/test.tsv"))}
-
-
-def _truthfulqa_records(options: EvalOptions) -> dict[str, list[dict]]:
-    from rankwise.evaluation.tasks import truthfulqa
-
-    return {"validation": truthfulqa.load_records(Task.data_path(options, truthfulqa.RELATIVE_PATH))}
-
-
-def _mmlu_records(subject: str) -> Callable[[EvalOptions], dict[str, list[dict]]]:
-    def build(options: EvalOptions) -> dict[str, list[dict]]:
-        from rankwise.evaluation.tasks.mmlu import load_rows
-
-        out = {}
-        for split in ("test", "dev"):
-            rows = load_rows(Task.data_path(options, f"mmlu/{split}/{subject}_{split}.csv"))
-            out[split] = [{"question": r["question"], "subject": subject, "choices": r["choices"],
-                           "answer": r["answer"]} for r in rows]
-        return out
-    return build
-
-
-def _lambada_records(options: EvalOptions) -> dict[str, list[dict]]:
-    from rankwise.evaluation.datafiles import read_jsonl
-
-    return {"test": [{"text": r["text"]} for r in read_jsonl(Task.data_path(options, "lambada/lambada_test.jsonl"))]}
-
-
-def _superglue_records(folder: str) -> Callable[[EvalOptions], dict[str, list[dict]]]:
-    def build(options: EvalOptions) -> dict[str, list[dict]]:
-        from rankwise.evaluation.datafiles import read_jsonl
-        from rankwise.evaluation.tasks.superglue import wsc_record
-
-        path = Task.data_path(options, f"superglue/{folder}/val.jsonl")
-        rows = read_jsonl(path)
-        if folder == "RTE":
-            labels = {"entailment": 0, "not_entailment": 1}
-            rows = [{"premise": r["premise"], "hypothesis": r["hypothesis"], "label": labels[r["label"]],
-                     "idx": r.get("idx")} for r in rows]
-        elif folder == "WSC":
-            rows = [wsc_record(r, f"{path} record {i}") for i, r in enumerate(rows)]
-        return {"validation": rows}
-    return build
-
-
-def local_tasks() -> dict[str, LocalTask]:
-    """Every rankwise task that lm-eval can run on the local data (name -> conversion)."""
-    from rankwise.evaluation.tasks.mmlu import SUBJECTS
-
-    table = {
-        "arc_easy": LocalTask("arc/arc_easy.yaml", "test", _arc_records("arc_easy")),
-        "arc_challenge": LocalTask("arc/arc_challenge.yaml", "test", _arc_records("arc_challenge")),
-        "hellaswag": LocalTask("hellaswag/hellaswag.yaml", "validation", _hellaswag_records),
-        "piqa": LocalTask("piqa/piqa.yaml", "validation", _piqa_records),
-        "boolq": LocalTask("super_glue/boolq/default.yaml", "validation", _boolq_records),
-        "openbookqa": LocalTask("openbookqa/openbookqa.yaml", "test", _openbookqa_records),
-        "truthfulqa_mc1": LocalTask("truthfulqa/truthfulqa_mc1.yaml", "validation", _truthfulqa_records),
-        "truthfulqa_mc2": LocalTask("truthfulqa/truthfulqa_mc2.yaml", "validation", _truthfulqa_records),
-        "lambada_openai": LocalTask("lambada/lambada_openai.yaml", "test", _lambada_records),
-        "copa": LocalTask("super_glue/copa/default.yaml", "validation", _superglue_records("COPA")),
-        "rte": LocalTask("super_glue/rte/default.yaml", "validation", _superglue_records("RTE")),
-        "sglue_rte": LocalTask("super_glue/rte/default.yaml", "validation", _superglue_records("RTE")),
-        "wsc": LocalTask("super_glue/wsc/default.yaml", "validation", _superglue_records("WSC")),
-    }
-    for subject in SUBJECTS:
-        table[f"mmlu_{subject}"] = LocalTask(f"mmlu/default/mmlu_{subject}.yaml", "test", _mmlu_records(subject))
+def local_tasks() -> dict[str, LmEvalBinding]:
+    """Every registered task that lm-eval can run on the local data: name -> its binding (declared by the
+    task next to its own data reading, :meth:`~rankwise.evaluation.registry.Task.lm_eval_binding`)."""
+    table = {}
+    for name in task_names():
+        binding = get_task(name).lm_eval_binding()
+        if binding is not None:
+            table[name] = binding
     return table
 
 
-def _mmlu_groups() -> dict[str, list[str]]:
-    """lm-eval's MMLU groups, rebuilt over the local subject tasks: group -> member tasks."""
-    from rankwise.evaluation.tasks.mmlu import CATEGORIES, SUBJECTS
-
-    groups = {f"mmlu_{c}": [f"mmlu_{s}" for s, cat in SUBJECTS.items() if cat == c] for c in CATEGORIES}
-    groups["mmlu"] = [f"mmlu_{c}" for c in CATEGORIES]
+def _groups() -> dict[str, list[str]]:
+    """Registered group tasks (MMLU and its categories): group -> member tasks, as lm-eval aggregates them."""
+    groups = {}
+    for name in task_names():
+        members = get_task(name).lm_eval_members()
+        if members:
+            groups[name] = list(members)
     return groups
 
 
@@ -185,7 +74,7 @@ def write_local_tasks(names: Sequence[str], options: EvalOptions, folder: Path) 
     """Write JSONL data and lm-eval task YAMLs for ``names`` into ``folder``; returns the names that are
     local (an MMLU group expands to its local subjects, with group YAMLs aggregating them as lm-eval does)."""
     table = local_tasks()
-    groups = _mmlu_groups()
+    groups = _groups()
     root = _tasks_root()
     folder.mkdir(parents=True, exist_ok=True)
     written: set[str] = set()
@@ -268,7 +157,7 @@ def _sample_indices(names: Sequence[str], options: EvalOptions) -> dict[str, lis
     """``--sample`` as lm-eval's ``samples`` argument: the same seeded indices rankwise evaluates."""
     if options.sample is None:
         return None
-    table, groups = local_tasks(), _mmlu_groups()
+    table, groups = local_tasks(), _groups()
     leaves: list[str] = []
 
     def expand(n: str) -> None:

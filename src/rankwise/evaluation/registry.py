@@ -1,7 +1,10 @@
 """The task registry: tasks register themselves by name, the CLI and studies look them up.
 
 A task is a class with ``name``, ``kind`` and ``run(...)``; adding a benchmark is one new module under
-:mod:`rankwise.evaluation.tasks` that decorates its class with :func:`register_task`.
+:mod:`rankwise.evaluation.tasks` that decorates its class with :func:`register_task`. A task that lm-eval
+can also run on the same local files says how next to its own data reading (:meth:`Task.lm_eval_binding`:
+lm-eval's task YAML, the split, the conversion of the file into the Hugging Face dataset's records);
+:mod:`rankwise.evaluation.harness` only loops over the registry.
 """
 
 from __future__ import annotations
@@ -35,6 +38,18 @@ class EvalOptions:
     strategy: str = "auto"
 
 
+Records = dict[str, list[dict[str, Any]]]  # split name -> records in the layout lm-eval's dataset has
+
+
+@dataclass(frozen=True)
+class LmEvalBinding:
+    """How lm-eval 0.4.13 runs a rankwise task on the same local data."""
+
+    yaml: str  # lm-eval's task file, relative to lm_eval/tasks (its prompts, choices and metrics are used)
+    split: str  # the split lm-eval's task evaluates ("test" or "validation")
+    records: Callable[[EvalOptions], Records]  # the local file(s) converted to that dataset's records
+
+
 class Task:
     """Base of all tasks. ``requires`` says which model kind the task needs (``causal-lm`` or ``encoder``)."""
 
@@ -45,6 +60,14 @@ class Task:
 
     def run(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:  # pragma: no cover
         raise NotImplementedError
+
+    def lm_eval_binding(self) -> LmEvalBinding | None:
+        """lm-eval's version of this task on the local data; None where lm-eval has no such task here."""
+        return None
+
+    def lm_eval_members(self) -> tuple[str, ...]:
+        """For a group task (MMLU and its categories): the member tasks lm-eval aggregates by size."""
+        return ()
 
     @staticmethod
     def data_path(options: EvalOptions, relative: str) -> Path:

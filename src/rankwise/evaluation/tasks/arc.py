@@ -9,7 +9,7 @@ from __future__ import annotations
 from rankwise.errors import DataError
 from rankwise.evaluation.datafiles import read_jsonl
 from rankwise.evaluation.multiple_choice import MCDoc, MultipleChoiceTask
-from rankwise.evaluation.registry import EvalOptions, register_task
+from rankwise.evaluation.registry import EvalOptions, LmEvalBinding, Records, register_task
 
 
 def arc_doc(row: dict, doc_id: int, where: str) -> MCDoc:
@@ -35,6 +35,17 @@ class _Arc(MultipleChoiceTask):
     def load_docs(self, options: EvalOptions, shots: int) -> list[MCDoc]:
         path = self.data_path(options, f"{self.folder}/{self.file}")
         return [arc_doc(row, i, f"{path} record {i}") for i, row in enumerate(read_jsonl(path))]
+
+    def lm_eval_binding(self) -> LmEvalBinding:
+        return LmEvalBinding(f"arc/{self.name}.yaml", "test", self.lm_eval_records)
+
+    def lm_eval_records(self, options: EvalOptions) -> Records:
+        """allenai/ai2_arc's layout: id, question, choices {text, label}, answerKey."""
+        rows = read_jsonl(self.data_path(options, f"{self.folder}/{self.file}"))
+        return {"test": [{"id": r["id"], "question": r["question"]["stem"],
+                          "choices": {"text": [c["text"] for c in r["question"]["choices"]],
+                                      "label": [c["label"] for c in r["question"]["choices"]]},
+                          "answerKey": r["answerKey"]} for r in rows]}
 
 
 @register_task

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rankwise.errors import DataError
 from rankwise.evaluation.datafiles import read_jsonl, require
 from rankwise.evaluation.multiple_choice import MCDoc, MultipleChoiceTask
-from rankwise.evaluation.registry import EvalOptions, register_task
+from rankwise.evaluation.registry import EvalOptions, LmEvalBinding, Records, register_task
 
 
 def parse_bool(value: object, where: str) -> bool:
@@ -25,6 +25,14 @@ class BoolQ(MultipleChoiceTask):
     metric_names = ("acc",)
     source = "BoolQ dev (SuperGLUE), 3270 items (boolq/val.jsonl)"
     prompt_version = "lm-eval 0.4.13 boolq v2.0: '{passage}\\nQuestion: {question}?\\nAnswer:' + ' no'/' yes'"
+
+    def lm_eval_binding(self) -> LmEvalBinding:
+        return LmEvalBinding("super_glue/boolq/default.yaml", "validation", self.lm_eval_records)
+
+    def lm_eval_records(self, options: EvalOptions) -> Records:
+        path = self.data_path(options, "boolq/val.jsonl")
+        return {"validation": [{"question": r["question"], "passage": r["passage"], "idx": r.get("idx"),
+                                "label": int(parse_bool(r["label"], str(path)))} for r in read_jsonl(path)]}
 
     def load_docs(self, options: EvalOptions, shots: int) -> list[MCDoc]:
         path = self.data_path(options, "boolq/val.jsonl")

@@ -16,7 +16,7 @@ import re
 from rankwise.errors import DataError
 from rankwise.evaluation.datafiles import read_lines
 from rankwise.evaluation.multiple_choice import MCDoc, MultipleChoiceTask
-from rankwise.evaluation.registry import EvalOptions, register_task
+from rankwise.evaluation.registry import EvalOptions, LmEvalBinding, register_task
 
 RELATIVE_PATH = "hellaswag/hellaswag_val_full.txt.bz2"
 _LINES_PER_ITEM = 6
@@ -77,6 +77,10 @@ class HellaSwag(MultipleChoiceTask):
     description = "HellaSwag validation, commonsense sentence completion with 4 endings"
     source = f"HellaSwag validation, 10042 items ({RELATIVE_PATH}; ctx_a/ctx_b split recovered)"
     prompt_version = "lm-eval 0.4.13 hellaswag v1.0: preprocess(label + ': ' + ctx_a + ' ' + ctx_b.capitalize())"
+
+    def lm_eval_binding(self) -> LmEvalBinding:
+        return LmEvalBinding("hellaswag/hellaswag.yaml", "validation",
+                             lambda options: {"validation": load_records(self.data_path(options, RELATIVE_PATH))})
 
     def load_docs(self, options: EvalOptions, shots: int) -> list[MCDoc]:
         docs = []

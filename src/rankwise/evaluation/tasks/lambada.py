@@ -21,7 +21,7 @@ from rankwise.evaluation.multiple_choice import (
     score_requests,
     strategy_protocol,
 )
-from rankwise.evaluation.registry import EvalOptions, Task, register_task
+from rankwise.evaluation.registry import EvalOptions, LmEvalBinding, Task, register_task
 from rankwise.evaluation.results import TaskResult, mean_stderr
 from rankwise.evaluation.sampling import select
 
@@ -43,6 +43,10 @@ class LambadaOpenAI(Task):
 
     def required_files(self) -> tuple[str, ...]:
         return (RELATIVE_PATH,)
+
+    def lm_eval_binding(self) -> LmEvalBinding:
+        return LmEvalBinding("lambada/lambada_openai.yaml", "test", lambda options: {
+            "test": [{"text": r["text"]} for r in read_jsonl(self.data_path(options, RELATIVE_PATH))]})
 
     def run(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
         start = time.perf_counter()

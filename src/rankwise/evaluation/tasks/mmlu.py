@@ -27,7 +27,7 @@ from rankwise.evaluation.multiple_choice import (
     strategy_protocol,
     summarize,
 )
-from rankwise.evaluation.registry import EvalOptions, register_task
+from rankwise.evaluation.registry import EvalOptions, LmEvalBinding, Records, register_task
 from rankwise.evaluation.results import TaskResult, pooled_stderr
 from rankwise.evaluation.sampling import select
 
@@ -86,6 +86,16 @@ def load_rows(path) -> list[dict[str, Any]]:
     return out
 
 
+def lm_eval_records(options: EvalOptions, subject: str) -> Records:
+    """cais/mmlu's layout (question, subject, choices, answer) for the test split and the dev shots."""
+    out = {}
+    for split in ("test", "dev"):
+        rows = load_rows(MultipleChoiceTask.data_path(options, f"mmlu/{split}/{subject}_{split}.csv"))
+        out[split] = [{"question": r["question"], "subject": subject, "choices": r["choices"],
+                       "answer": r["answer"]} for r in rows]
+    return out
+
+
 def subject_docs(options: EvalOptions, subject: str, shots: int) -> list[MCDoc]:
     rows = load_rows(MultipleChoiceTask.data_path(options, f"mmlu/test/{subject}_test.csv"))
     prefix = description(subject)
@@ -116,6 +126,21 @@ class _MMLU(MultipleChoiceTask):
 
     def required_files(self) -> tuple[str, ...]:
         return tuple(f"mmlu/test/{s}_test.csv" for s in self.subjects)
+
+    def lm_eval_binding(self) -> LmEvalBinding | None:
+        if self.group is not None:
+            return None
+        subject = self.subjects[0]
+        return LmEvalBinding(f"mmlu/default/mmlu_{subject}.yaml", "test",
+                             lambda options: lm_eval_records(options, subject))
+
+    def lm_eval_members(self) -> tuple[str, ...]:
+        """lm-eval's MMLU groups: ``mmlu`` over the four categories, a category over its subjects."""
+        if self.group == "mmlu":
+            return tuple(f"mmlu_{c}" for c in CATEGORIES)
+        if self.group is not None:
+            return tuple(f"mmlu_{s}" for s in self.subjects)
+        return ()
 
     def run(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
         start = time.perf_counter()

@@ -11,7 +11,7 @@ import re
 from rankwise.errors import DataError
 from rankwise.evaluation.datafiles import read_csv, require
 from rankwise.evaluation.multiple_choice import MCDoc, MultipleChoiceTask
-from rankwise.evaluation.registry import EvalOptions, register_task
+from rankwise.evaluation.registry import EvalOptions, LmEvalBinding, register_task
 
 _LABEL = re.compile(r"\(([A-Z])\)\s")
 
@@ -46,6 +46,10 @@ class OpenBookQA(MultipleChoiceTask):
     description = "OpenBookQA main test, elementary science with 4 choices"
     source = "OpenBookQA main test, 500 items (openbookqa/test.tsv)"
     prompt_version = "lm-eval 0.4.13 openbookqa v1.0: '{question_stem}' + ' ' + choice"
+
+    def lm_eval_binding(self) -> LmEvalBinding:
+        return LmEvalBinding("openbookqa/openbookqa.yaml", "test", lambda options: {
+            "test": load_records(self.data_path(options, "openbookqa/test.tsv"))})
 
     def load_docs(self, options: EvalOptions, shots: int) -> list[MCDoc]:
         path = self.data_path(options, "openbookqa/test.tsv")

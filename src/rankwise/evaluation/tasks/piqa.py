@@ -5,7 +5,7 @@ from __future__ import annotations
 from rankwise.errors import DataError
 from rankwise.evaluation.datafiles import read_jsonl, read_lines, require
 from rankwise.evaluation.multiple_choice import MCDoc, MultipleChoiceTask
-from rankwise.evaluation.registry import EvalOptions, register_task
+from rankwise.evaluation.registry import EvalOptions, LmEvalBinding, register_task
 
 
 def load_records(questions, labels) -> list[dict]:
@@ -31,8 +31,14 @@ class Piqa(MultipleChoiceTask):
     source = "PIQA validation, 1838 items (piqa/valid.jsonl + piqa/valid-labels.lst)"
     prompt_version = "lm-eval 0.4.13 piqa v1.0: 'Question: {goal}\\nAnswer:' + ' ' + solution"
 
-    def load_docs(self, options: EvalOptions, shots: int) -> list[MCDoc]:
-        rows = load_records(self.data_path(options, "piqa/valid.jsonl"),
+    def lm_eval_binding(self) -> LmEvalBinding:
+        return LmEvalBinding("piqa/piqa.yaml", "validation", lambda options: {"validation": self.rows(options)})
+
+    def rows(self, options: EvalOptions) -> list[dict]:
+        return load_records(self.data_path(options, "piqa/valid.jsonl"),
                             self.data_path(options, "piqa/valid-labels.lst"))
+
+    def load_docs(self, options: EvalOptions, shots: int) -> list[MCDoc]:
+        rows = self.rows(options)
         return [MCDoc(i, f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]], r["label"])
                 for i, r in enumerate(rows)]

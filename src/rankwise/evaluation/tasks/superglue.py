@@ -14,7 +14,7 @@ from typing import Any
 from rankwise.errors import DataError
 from rankwise.evaluation.datafiles import read_jsonl, require
 from rankwise.evaluation.multiple_choice import MCDoc, MultipleChoiceTask
-from rankwise.evaluation.registry import EvalOptions, register_task
+from rankwise.evaluation.registry import EvalOptions, LmEvalBinding, Records, register_task
 from rankwise.evaluation.tasks.boolq import parse_bool
 
 
@@ -48,6 +48,10 @@ class Copa(MultipleChoiceTask):
     source = "SuperGLUE COPA validation, 100 items (superglue/COPA/val.jsonl)"
     prompt_version = "lm-eval 0.4.13 copa v1.0: premise[:-1] + ' because'/' therefore' + '  ' + choice"
 
+    def lm_eval_binding(self) -> LmEvalBinding:
+        return LmEvalBinding("super_glue/copa/default.yaml", "validation",
+                             lambda options: {"validation": _rows(self, options, "COPA")[1]})
+
     def load_docs(self, options: EvalOptions, shots: int) -> list[MCDoc]:
         path, rows = _rows(self, options, "COPA")
         docs = []
@@ -70,6 +74,14 @@ class Rte(MultipleChoiceTask):
     metric_names = ("acc",)
     source = "RTE validation, 277 pairs (superglue/RTE/val.jsonl; same pairs as GLUE RTE dev)"
     prompt_version = "lm-eval 0.4.13 sglue_rte v0.0 / rte v1.0: '{premise}\\nQuestion: {hypothesis} True or False?\\nAnswer:'"
+
+    def lm_eval_binding(self) -> LmEvalBinding:
+        return LmEvalBinding("super_glue/rte/default.yaml", "validation", self.lm_eval_records)
+
+    def lm_eval_records(self, options: EvalOptions) -> Records:
+        labels = {"entailment": 0, "not_entailment": 1}
+        return {"validation": [{"premise": r["premise"], "hypothesis": r["hypothesis"], "label": labels[r["label"]],
+                                "idx": r.get("idx")} for r in _rows(self, options, "RTE")[1]]}
 
     def load_docs(self, options: EvalOptions, shots: int) -> list[MCDoc]:
         path, rows = _rows(self, options, "RTE")
@@ -150,6 +162,13 @@ class Wsc(MultipleChoiceTask):
     metric_names = ("acc",)
     source = "SuperGLUE WSC validation, 104 items (superglue/WSC/val.jsonl, wsc.fixed span corrections)"
     prompt_version = "lm-eval 0.4.13 wsc v1.0 (wsc.fixed): starred pronoun passage + yes/no question"
+
+    def lm_eval_binding(self) -> LmEvalBinding:
+        return LmEvalBinding("super_glue/wsc/default.yaml", "validation", self.lm_eval_records)
+
+    def lm_eval_records(self, options: EvalOptions) -> Records:
+        path, rows = _rows(self, options, "WSC")
+        return {"validation": [wsc_record(r, f"{path} record {i}") for i, r in enumerate(rows)]}
 
     def load_docs(self, options: EvalOptions, shots: int) -> list[MCDoc]:
         path, rows = _rows(self, options, "WSC")

@@ -12,7 +12,7 @@ from typing import ClassVar
 from rankwise.errors import DataError
 from rankwise.evaluation.datafiles import read_json
 from rankwise.evaluation.multiple_choice import MCDoc, MultipleChoiceTask, ScoredDoc, mc2_metric
-from rankwise.evaluation.registry import EvalOptions, register_task
+from rankwise.evaluation.registry import EvalOptions, LmEvalBinding, register_task
 
 RELATIVE_PATH = "truthfulqa/mc_task.json"
 
@@ -59,6 +59,10 @@ class _TruthfulQA(MultipleChoiceTask):
     files = (RELATIVE_PATH,)
     shots_note = "plus lm-eval's fixed 6-shot QA primer inside the prompt"
     targets: str
+
+    def lm_eval_binding(self) -> LmEvalBinding:
+        return LmEvalBinding(f"truthfulqa/{self.name}.yaml", "validation", lambda options: {
+            "validation": load_records(self.data_path(options, RELATIVE_PATH))})
 
     def load_docs(self, options: EvalOptions, shots: int) -> list[MCDoc]:
         path = self.data_path(options, RELATIVE_PATH)
