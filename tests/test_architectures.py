@@ -332,3 +332,17 @@ def test_no_architecture_is_named_outside_the_layout_table():
                   if isinstance(node, ast.Constant) and isinstance(node.value, str)
                   and id(node) not in docstrings and node.value.lower() in names]
     assert not found, found
+
+
+@pytest.mark.parametrize("method", ["asvd", "svd-llm", "fwsvd"])
+def test_data_aware_methods_on_conv1d(method):
+    """Activation statistics are per input channel and Fisher gradients come (in, out) from a Conv1D: both must
+    meet the (out, in) matrix the right way round (c_fc is 128x32: a wrong orientation cannot pass)."""
+    spec = ARCHS["gpt2"]
+    model = spec.build()
+    calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
+    report = decompose(model, Plan.simple(tensors=["qkv", "up", "down"], rank=8, method=method), calibration=calib,
+                       progress=False, use_cache=False)
+    assert len(report.targets) == 6 and not any(t.kept_dense for t in report.targets)
+    assert all(0 < t.weighted_error < 1 for t in report.targets)
+    assert torch.isfinite(_run(model, spec)).all()
