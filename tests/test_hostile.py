@@ -328,6 +328,27 @@ def test_second_run_into_a_locked_out_is_refused(tiny, tmp_path, capsys):
     assert code in (0, None), err  # released: the next run goes ahead
 
 
+@pytest.mark.slow
+def test_second_process_into_a_locked_out_is_refused(tiny, tmp_path):
+    """Two real processes: one holds OUT's lock (as a running decompose does); ``rankwise decompose`` into the
+    same OUT exits 2 at once naming the holder's pid, and leaves OUT alone."""
+    out = tmp_path / "OUT"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom rankwise.checkpoint.output import output_lock\n"
+        f"with output_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(120)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        rankwise = str(Path(sys.executable).with_name("rankwise"))
+        result = subprocess.run([rankwise, "decompose", str(tiny), "--layers", "0", "-o", str(out), "-q"],
+                                capture_output=True, text=True, timeout=300)
+        one_error_line(result.returncode, result.stderr, f"being written by another rankwise run (pid {holder.pid})")
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 # --- 7. leftovers of killed runs; --out . -------------------------------------------------------------------
 def test_leftovers_of_dead_processes_are_cleaned(tiny, tmp_path, capsys):
     out = tmp_path / "out"
@@ -640,3 +661,9 @@ def test_fuzzed_study_spec_files_give_a_spec_error_or_a_spec(tmp_path, content):
         load_spec(path)
     except RankwiseError as exc:
         assert "\n" not in str(exc)
+
+
+def test_data_env_naming_a_file_says_so(a_file, tiny, monkeypatch, capsys):
+    monkeypatch.setenv("RANKWISE_DATA", str(a_file))
+    code, _, err = run_cli(["eval", str(tiny), "--tasks", "arc_easy"], capsys)
+    one_error_line(code, err, f"RANKWISE_DATA={a_file} is a file, not a folder")

@@ -62,7 +62,12 @@ def data_dir(override: str | os.PathLike[str] | None = None) -> Path | None:
     if override:
         return Path(override).expanduser()
     env = os.environ.get(DATA_ENV)
-    return Path(env).expanduser() if env else None
+    if not env:
+        return None
+    path = Path(env).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{DATA_ENV}={env} is a file, not a folder (point it at the benchmark data folder)")
+    return path
 
 
 def check_data_dir(path: str | os.PathLike[str] | None, option: str = "--data-dir") -> Path | None:
