@@ -33,7 +33,7 @@ SPEC = {
     "name": "report-real", "model": "smollm2-135m", "threads": 1,
     "tasks": [{"name": "arc_easy", "limit": 8}],
     "efficiency": {"context": 16, "new_tokens": 4, "repeats": 3},
-    "grid": [{"preset": "layer-count", "n": [1, 2]},
+    "grid": [{"preset": "layer-count", "n": [1, 2, 3]},
              {"preset": "single-layer", "layers": [2, 17]},
              {"plan": {"method": "tucker", "rank": 1, "layers": [2], "tensors": ["q"]},
               "label": "q@L2", "sweep": "tensor-sensitivity"}],

@@ -59,18 +59,23 @@ def n_layers_hint(doc: dict[str, Any], spectra_doc: dict[str, Any] | None = None
     for v in (env.get("n_layers"), (spectra_doc or {}).get("n_layers")):
         if isinstance(v, int) and v > 0:
             return v
-    return None
+    seen = [layer for t in d.trials(doc) for layer, _ in (d.touched_targets(t) or [])]
+    seen += [x for t in d.trials(doc) for x in ((t.get("plan") or {}).get("remove_layers") or [])
+             if isinstance(x, int)]
+    return max(seen) + 1 if seen else None  # at least every layer the study touched
 
 
 def study_figures(doc: dict[str, Any], spectra_doc: dict[str, Any] | None = None) -> list[FigureEntry]:
     """Every figure of a study report, in report order."""
     out: list[FigureEntry] = []
     layers = n_layers_hint(doc, spectra_doc)
+    flat: set[str] = set()
     for sweep in d.sweeps(doc):
         done = [t for t in d.complete(doc, sweep) if d.number(t.get("size_reduction")) is not None]
         title = f"Accuracy vs size reduction ({sweep})"
         sizes = [t["size_reduction"] for t in done]
         if len(done) > 1 and max(sizes) - min(sizes) < _FLAT_SPAN:
+            flat.add(sweep)
             out.append(FigureEntry(f"accuracy-vs-size-{slug(sweep)}", title, reason=(
                 f"every trial of sweep {sweep} removes the same share of parameters "
                 f"({100 * sizes[0]:.1f}%); its trials are compared in the sensitivity heatmap and the table")))
@@ -79,6 +84,8 @@ def study_figures(doc: dict[str, Any], spectra_doc: dict[str, Any] | None = None
                           lambda s=sweep: plots.accuracy_vs_size(doc, s)))
     if d.has_efficiency(doc):
         for sweep in d.sweeps(doc):
+            if sweep in flat:
+                continue
             if any(isinstance(t.get("efficiency"), dict) for t in d.complete(doc, sweep)):
                 out.append(_entry(f"efficiency-vs-size-{slug(sweep)}", f"Latency and energy vs size ({sweep})",
                                   lambda s=sweep: plots.efficiency_vs_size(doc, s)))

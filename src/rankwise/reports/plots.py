@@ -13,6 +13,7 @@ energy changes are percent vs the dense model (negative = faster / less energy).
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -90,7 +91,7 @@ def accuracy_vs_size(doc: dict[str, Any], sweep: str | None = None,
     handles += [Line2D([], [], color="black", linestyle=":", marker="*", markersize=8),
                 Line2D([], [], color="black", linestyle="-.", linewidth=0.9)]
     labels += ["dense model (0% reduction)", "chance level"]
-    ax.legend(handles, labels, fontsize=8, loc="best", framealpha=0.9)
+    ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.set_xlabel("model size reduction (% of dense parameters removed)")
     ax.set_ylabel("accuracy / score (%)")
     ax.set_xlim(left=min(-1.0, ax.get_xlim()[0]))
@@ -132,6 +133,8 @@ def efficiency_vs_size(doc: dict[str, Any], sweep: str | None = None) -> Figure:
                                       (ax_en, "energy", "energy_change", "ideal_energy_change")):
         mx, my = series(measured)
         ix, iy = series(ideal)
+        if mx or ix:
+            ax.plot([0.0], [0.0], **_DENSE_STYLE, label="dense model", gid=f"dense:{what}")
         if mx:
             ax.plot(mx, my, "o-", color="tab:blue", label=f"measured {what}", gid=f"measured:{what}")
         if ix:
@@ -142,12 +145,14 @@ def efficiency_vs_size(doc: dict[str, Any], sweep: str | None = None) -> Figure:
         ax.grid(alpha=0.3)
         if mx or ix:
             ax.axhline(0.0, color="black", linewidth=0.8)
-            ax.legend(fontsize=8, loc="best")
+            ax.set_xlim(left=min(-0.5, ax.get_xlim()[0]))
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=3, frameon=False)
         if not mx:
             reasons = sorted({str(t["efficiency"].get(f"{what}_reason") or "") for t in trials} - {""})
             reason = "; ".join(reasons) or f"no {what} measurement in the results"
-            ax.text(0.5, 0.5, f"{what} not measured:\n{reason}", transform=ax.transAxes, ha="center",
-                    va="center", fontsize=8, wrap=True, color="#aa3333", gid=f"absent:{what}")
+            ax.text(0.5, 0.5, f"{what} not measured:\n" + "\n".join(textwrap.wrap(reason, 48)),
+                    transform=ax.transAxes, ha="center", va="center", fontsize=8, color="#aa3333",
+                    gid=f"absent:{what}")
             ax.set_xticks([])
             ax.set_yticks([])
             notes.append(f"{what.capitalize()} not measured: {reason}.")
@@ -365,6 +370,8 @@ def rank_map(report: dict[str, Any], n_layers: int | None = None, title: str | N
     red = d.number(summary.get("reduction_pct_of_whole_model"))
     ax.set_title(title or f"Rank map: {report.get('model', 'model')}", fontsize=10)
     method = (report.get("plan") or {}).get("method", "")
+    if isinstance(method, dict):  # {name: tucker, solver: ..., ...}
+        method = method.get("name", "")
     set_caption(fig, "\n".join([
         "Colour: parameters of the factorized target / parameters of the dense matrix (1 = untouched); text: the "
         "rank kept ('d' = planned but kept dense, above break-even).",
