@@ -325,3 +325,15 @@ def test_every_flag_named_in_messages_and_readme_exists():
                if flag not in _command_options() | EXTERNAL_FLAGS}
     assert not missing, f"flags named to users but accepted by no rankwise command: {missing}"
     assert {"--seq-len", "--method-arg", "--calib-seq-len"} <= _command_options()
+
+
+def test_eval_seq_len_flag_reaches_the_task(tiny_folder, tmp_path, capsys):
+    """``--seq-len`` (named by the wikitext/gsm8k messages) is accepted and sets the perplexity window."""
+    out = tmp_path / "results.json"
+    code, _, err = run_cli(["eval", str(tiny_folder), "--tasks", "wikitext_token", "--seq-len", "16", "--limit", "2",
+                            "--json", str(out), "-q"], capsys)
+    assert code in (0, None), err
+    data = json.loads(out.read_text())
+    assert data["options"]["seq_len"] == 16
+    protocol = data["results"]["wikitext_token"]["protocol"]
+    assert protocol["seq_len"] == 16 and protocol["predicted_tokens"] == 2 * 15
