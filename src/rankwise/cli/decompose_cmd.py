@@ -84,8 +84,9 @@ def decompose(
     method: Annotated[str | None, typer.Option(help="tucker (default), svd, asvd, svd-llm or fwsvd "
                                                      "(case-insensitive).")] = None,
     method_arg: Annotated[list[str] | None, typer.Option(
-        "--method-arg", help="A method setting KEY=VALUE, repeatable: alpha=0.25 (asvd), damping=1e-4 (svd-llm), "
-                             "solver=auto|gram|krylov|lapack, oversample=2 (any method).")] = None,
+        "--method-arg", metavar="KEY=VALUE",
+        help="A method setting, repeatable: alpha=0.25 (asvd), damping=1e-4 (svd-llm), "
+             "solver=auto|gram|krylov|lapack, oversample=2 (any method).")] = None,
     fold: Annotated[str | None, typer.Option(help="auto (Tucker three-factor, others two-factor), true or false; "
                                                   "default: the plan's (auto).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Decompose even above the break-even rank.")] = False,
