@@ -7,7 +7,7 @@ A checkpoint is an ordinary Hugging Face model folder. What marks it as decompos
         "quant_method": "rankwise", "version": 1,
         "modules": {"model.layers.2.self_attn.q_proj": {"in_features": 576, "out_features": 576,
                     "rank_out": 1, "rank_in": 1, "form": "three_factor", "bias": false}, ...},
-        "plan": {...the plan that produced it...}
+        "plan": {...the plan that produced it, each method as {name, every setting}...}
     }
 
 Loaders rebuild the architecture, swap an empty factorized layer in at each listed name, and load the
