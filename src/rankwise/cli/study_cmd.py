@@ -7,7 +7,6 @@ writes the results document (JSON) or one CSV row per trial.
 
 from __future__ import annotations
 
-import sys
 import threading
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,6 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from rankwise.cli.common import on_interrupt
 from rankwise.cli.main import app
 from rankwise.errors import RankwiseError
 
@@ -23,6 +23,7 @@ study_app = typer.Typer(help="Design-space sweeps and searches on Optuna: run, w
 app.add_typer(study_app, name="study")
 
 DEFAULT_STORAGE = "sqlite:///study.db"
+NO_TRIAL_NOTE = "no trial was running; completed trials are kept in the storage and a rerun resumes"
 StorageOpt = Annotated[str, typer.Option("--storage", help="Optuna storage URL: sqlite:///FILE (default "
                                                            "sqlite:///study.db) or postgresql://USER@HOST/DB.")]
 NameOpt = Annotated[str | None, typer.Option("--name", help="Study name (default: the spec's name, else its "
@@ -115,6 +116,7 @@ def run_command(
     parsed = load_spec(spec)
     study_name = study_name_for(parsed, name)
     log = (lambda m: None) if quiet else (lambda m: console.print(m, highlight=False))
+    on_interrupt(NO_TRIAL_NOTE)
     open_storage(storage)  # bad storage or missing data: one error line before any bar or model
     check_study_data(parsed)
     try:
@@ -122,10 +124,7 @@ def run_command(
             doc = run_study(parsed, storage, workers, name=study_name, log=log,
                             on_trial=None if quiet else (lambda r: console.print(_trial_line(r), highlight=False)))
     except StudyInterrupted as exc:
-        print(str(exc), file=sys.stderr)
-        raise typer.Exit(130) from None
-    except KeyboardInterrupt:
-        print("interrupted (no trial was running)", file=sys.stderr)
+        on_interrupt(exc.note)  # the CLI prints "interrupted: <note>" and exits 130
         raise typer.Exit(130) from None
     _summary(doc, console)
     if json_out is not None:
@@ -155,13 +154,11 @@ def worker_command(
 
     console = Console(stderr=True)
     log = (lambda m: None) if quiet else (lambda m: console.print(m, highlight=False))
+    on_interrupt(NO_TRIAL_NOTE)
     try:
         result = work(storage, name, index=index, log=log)
     except StudyInterrupted as exc:
-        print(str(exc), file=sys.stderr)
-        raise typer.Exit(130) from None
-    except KeyboardInterrupt:
-        print("interrupted (no trial was running)", file=sys.stderr)
+        on_interrupt(exc.note)  # the CLI prints "interrupted: <note>" and exits 130
         raise typer.Exit(130) from None
     if not quiet:
         console.print(f"worker {result.worker}: {len(result.completed)} trial(s) completed, "

@@ -194,10 +194,9 @@ def fail_stale(study: Any, spec: StudySpec, log: Callable[[str], None]) -> list[
     for trial_id in rdb._get_stale_trial_ids(study._study_id):
         if not transition(rdb, trial_id, TrialState.RUNNING, TrialState.FAIL):
             continue
+        # A finished trial takes no more attributes: the export explains this failure from the retry's link.
         frozen = rdb.get_trial(trial_id)
-        rdb.set_trial_user_attr(trial_id, "error", f"worker lost: no heartbeat for {spec.execution.grace_period} s "
-                                                   f"(worker {frozen.user_attrs.get('worker', '?')}); queued again")
-        optuna.storages.RetryFailedTrialCallback(max_retry=spec.execution.max_retry)(study, rdb.get_trial(trial_id))
+        optuna.storages.RetryFailedTrialCallback(max_retry=spec.execution.max_retry)(study, frozen)
         failed.append(frozen.number)
         log(f"trial {frozen.number} ({frozen.user_attrs.get('label', '?')}) lost its worker: queued again")
     return failed
@@ -334,6 +333,7 @@ def work(storage_url: str, name: str | None, *, index: int = 0, progress: bool =
         try:
             with Heartbeat(rdb, trial._trial_id, interval):
                 trial.set_user_attr("worker", me)
+                trial.set_user_attr("error", None)  # a retry copies its predecessor's attributes
                 if spec.search is not None:
                     point = search_point(trial, spec, n_layers, roles)
                 else:
@@ -383,8 +383,9 @@ class StudyInterrupted(Exception):
 
     def __init__(self, number: int, label: str | None, result: WorkerResult) -> None:
         self.number, self.label, self.result = number, label, result
-        super().__init__(f"interrupted: abandoned trial {number}"
-                         + (f" ({label})" if label else "") + "; it is queued again and runs on the next start")
+        self.note = (f"abandoned trial {number}" + (f" ({label})" if label else "")
+                     + "; it is queued again and runs on the next start")
+        super().__init__(f"interrupted: {self.note}")
 
 
 def _abandon(study: Any, trial: Any, spec: StudySpec, reason: str) -> None:

@@ -34,7 +34,8 @@ def _seconds(frozen: Any) -> float | None:
     return (end - frozen.datetime_start).total_seconds()
 
 
-def trial_record(frozen: Any, points: list[dict[str, Any]]) -> dict[str, Any]:
+def trial_record(frozen: Any, points: list[dict[str, Any]], retried_as: dict[int, int] | None = None,
+                 grace_period: int | None = None) -> dict[str, Any]:
     """One trial in the schema's TRIAL shape (measured fields null when the trial has no record)."""
     from rankwise.studies.engine import _point_of
 
@@ -54,6 +55,14 @@ def trial_record(frozen: Any, points: list[dict[str, Any]]) -> dict[str, Any]:
         out[key] = rec.get(key)
     out["seconds"] = rec.get("seconds") if rec.get("seconds") is not None else _seconds(frozen)
     out["error"] = frozen.user_attrs.get("error")
+    retry_number = (retried_as or {}).get(frozen.number)
+    if out["error"] is None and frozen.state.name == "FAIL":
+        out["error"] = (f"worker lost: no heartbeat for {grace_period} s (worker "
+                        f"{frozen.user_attrs.get('worker', '?')})" if retry_number is not None
+                        else "failed without an error message (worker lost; retries exhausted)")
+    if retry_number is not None:
+        out["error"] += f"; retried as trial {retry_number}"
+        out["retried_as"] = retry_number
     out["worker"] = frozen.user_attrs.get("worker")
     for key in ("timings", "factor_cache", "hidden_cache", "note"):
         if key in rec:
@@ -62,9 +71,19 @@ def trial_record(frozen: Any, points: list[dict[str, Any]]) -> dict[str, Any]:
         out["objective_values"] = list(frozen.values)
     if "point" in frozen.params:
         out["point"] = int(frozen.params["point"])
-    retry = frozen.system_attrs.get("failed_trial")
-    if retry is not None:
-        out["retry_of_trial_id"] = retry
+    history = frozen.system_attrs.get("retry_history")
+    if history:
+        out["retry_of"] = history[-1]
+    return out
+
+
+def retries(trials: Iterable[Any]) -> dict[int, int]:
+    """Failed trial number -> the number of the trial queued to redo it (Optuna's retry history)."""
+    out = {}
+    for t in trials:
+        history = t.system_attrs.get("retry_history")
+        if history:
+            out[history[-1]] = t.number
     return out
 
 
@@ -76,6 +95,7 @@ def study_document(storage: str, study_name: str | None = None) -> dict[str, Any
     attrs = study.user_attrs
     points = attrs.get("points", [])
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    retried_as = retries(trials)
     dense = attrs.get("dense")
     if dense is not None:
         dense = {"number": None, "state": "COMPLETE", **{k: dense.get(k) for k in TRIAL_KEYS if k in dense},
@@ -86,7 +106,7 @@ def study_document(storage: str, study_name: str | None = None) -> dict[str, Any
     doc: dict[str, Any] = {
         "schema": SCHEMA, "study": study.study_name, "storage": storage, "spec": attrs.get("spec"),
         "environment": attrs.get("environment"), "dense": dense,
-        "trials": [trial_record(t, points) for t in trials],
+        "trials": [trial_record(t, points, retried_as, spec.execution.grace_period) for t in trials],
     }
     if spec.search is not None:
         doc["pareto_front"] = pareto_numbers(study)
@@ -174,8 +194,12 @@ def status(storage: str, study_name: str | None = None) -> dict[str, Any]:
     mean = sum(durations) / len(durations) if durations else None
     remaining = max(0, total - done)
     eta = None if mean is None else mean * remaining / max(1, running)
-    failures = [{"number": t.number, "label": t.user_attrs.get("label"), "error": t.user_attrs.get("error")}
-                for t in trials if t.state == TrialState.FAIL]
+    retried_as = retries(trials)
+    failures = []
+    for t in trials:
+        if t.state == TrialState.FAIL:
+            rec = trial_record(t, [p.to_dict() for p in points], retried_as, spec.execution.grace_period)
+            failures.append({"number": t.number, "label": rec["label"], "error": rec["error"]})
     return {"study": study.study_name, "storage": storage, "kind": spec.kind, "total": total, "done": done,
             "counts": counts, "mean_trial_seconds": mean, "eta_seconds": eta, "running_workers": running,
             "dense_done": "dense" in study.user_attrs, "failures": failures, "checked_at": time.time()}
