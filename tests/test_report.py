@@ -84,6 +84,9 @@ def make_document() -> dict:
                                  0.64, 21.0 + i, plan={"method": "tucker", "rank": 1, "layers": [layer],
                                                        "tensors": [role]}))
             n += 1
+    trials.append(_trial(n, "tensor-sensitivity", "q@all", 0.9, 0.50, 0.60, 30.0,  # one role in every layer
+                         plan={"method": "tucker", "rank": 1, "layers": "all", "tensors": ["q"]}))
+    n += 1
     for layer in (0, 29):  # single layer: every role of one layer
         trials.append(_trial(n, "single-layer", f"L{layer}", 0.974, 0.55, 0.62, 24.0,
                              plan={"method": "tucker", "rank": 1, "layers": [layer], "tensors": "all"}))
@@ -183,8 +186,10 @@ def test_sensitivity_heatmap_cells_are_single_target_trials(doc):
     grid = im.get_array()
     labels = [t.get_text() for t in ax.get_yticklabels()]
     assert labels == [*ROLES, "all"]
-    assert grid.shape == (8, 30)
-    assert int((~grid.mask).sum()) == 2 * 7 + 2  # 14 single-(layer, role) + 2 single-layer trials
+    assert [t.get_text() for t in ax.get_xticklabels()] == [*map(str, range(30)), "all"]
+    assert grid.shape == (8, 31)
+    assert int((~grid.mask).sum()) == 2 * 7 + 2 + 1  # 14 single-(layer, role), 2 single-layer, 1 q@all
+    assert grid[0, 30] == pytest.approx(100 * (0.55 - doc["dense"]["mean_accuracy"]))
     dense = doc["dense"]["mean_accuracy"]
     t = next(t for t in doc["trials"] if t["label"] == "L17 v")
     assert grid[ROLES.index("v"), 17] == pytest.approx(100 * (t["mean_accuracy"] - dense))
@@ -237,7 +242,7 @@ def test_figures_without_data_raise_with_a_reason(doc):
         with pytest.raises(FigureUnavailable):
             draw()
     entries = {e.name: e for e in study_figures(doc)}
-    assert entries["accuracy-vs-size-tensor-sensitivity"].reason.startswith("every trial of sweep")
+    assert entries["accuracy-vs-size-single-layer"].reason.startswith("every trial of sweep")
     assert entries["accuracy-vs-size-layer-count"].figure is not None
     assert entries["sensitivity"].figure is not None
 
@@ -247,7 +252,8 @@ def test_figures_without_data_raise_with_a_reason(doc):
 
 def test_best_points_under_budgets(doc):
     best = {b["budget"]: b for b in best_under_budgets(doc)}
-    assert best[0.90]["trial"]["label"] == "n=4"  # the only trial keeping <= 90% (0.896); n=3 keeps 92.2%
+    # keeping <= 90%: n=4 (89.6%, mean 46.5%) and q@all (90.0%, mean 55.0%); n=3 keeps 92.2%
+    assert best[0.90]["trial"]["label"] == "q@all" and best[0.90]["candidates"] == 2
     fits = [t for t in d.complete(doc) if t["params_ratio"] <= 0.90]
     assert best[0.90]["value"] == max(t["mean_accuracy"] for t in fits)
     assert best[0.50]["trial"] is None and best[0.50]["candidates"] == 0
@@ -272,7 +278,7 @@ def test_report_folder_with_failed_and_pending_trials(doc, tmp_path):
     summary = build_report(doc, out, source="handmade.json")
     names = sorted(p.name for p in out.iterdir())
     assert names == ["figures", "report.html", "report.json", "report.md", "trials.csv"]
-    assert summary["state_counts"] == {"COMPLETE": 20, "RUNNING": 1, "WAITING": 1, "FAIL": 1}
+    assert summary["state_counts"] == {"COMPLETE": 21, "RUNNING": 1, "WAITING": 1, "FAIL": 1}
     page = (out / "report.html").read_text()
     assert page.count('data-trial="') == len(doc["trials"])
     assert "state-FAIL" in page and "state-RUNNING" in page and "state-WAITING" in page
@@ -374,3 +380,12 @@ def test_figure_files_are_written(doc, tmp_path):
     paths = save_figure(plots.pareto_plot(doc), tmp_path, "p")
     assert Path(paths["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert b"<svg" in Path(paths["svg"]).read_bytes()[:2000]
+
+
+def test_cli_spectra_needs_the_model_name(doc, tmp_path, capsys):
+    doc["environment"] = {}
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(doc))
+    code, _, stderr = run_cli(["report", str(path), "--spectra", "-o", str(tmp_path / "r")], capsys)
+    assert code == 2 and "environment.model" in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()

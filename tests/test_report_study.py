@@ -64,7 +64,7 @@ def real_study(tmp_path_factory, data_dir) -> dict:
 
     work(url, SPEC["name"], stop=stop, on_trial=one_more)  # runs three trials, then stops
     assert _claim_waiting(study) is not None  # a worker that is still running its trial
-    return study_document(url, SPEC["name"])
+    return {"url": url, "doc": study_document(url, SPEC["name"])}
 
 
 def _states(doc: dict) -> dict[str, int]:
@@ -106,7 +106,7 @@ def open_in_chromium(html: Path, screenshot: Path, profile: Path) -> dict:
 
 @pytest.mark.slow
 def test_real_study_figures_match_the_document(real_study):
-    doc = real_study
+    doc = real_study["doc"]
     assert doc["schema"] == "rankwise.study/1"
     states = _states(doc)
     assert states["COMPLETE"] == 3 and states["FAIL"] >= 1 and states["RUNNING"] == 1 and states["WAITING"] >= 1
@@ -139,10 +139,10 @@ def test_real_study_figures_match_the_document(real_study):
 def test_real_study_report_in_headless_chromium(real_study, tmp_path, capsys):
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium chromium-driver)")
-    results = tmp_path / "study.json"
-    results.write_text(json.dumps(real_study))
+    doc = real_study["doc"]
     out = tmp_path / "report"
-    code, _, stderr = run_cli(["report", str(results), "-o", str(out)], capsys)
+    # straight from the study's storage (rankwise.studies reads it), as a user runs it after a study
+    code, _, stderr = run_cli(["report", real_study["url"], "--study", SPEC["name"], "-o", str(out)], capsys)
     assert code in (0, None), stderr
     summary = json.loads((out / "report.json").read_text())
     drawn = [f for f in summary["figures"] if f["files"]]
@@ -160,10 +160,27 @@ def test_real_study_report_in_headless_chromium(real_study, tmp_path, capsys):
     assert len(seen["images"]) == len(drawn)
     assert all(img["complete"] and img["w"] > 0 and img["h"] > 0 for img in seen["images"]), seen["images"]
     assert all(seen["decoded"])
-    assert seen["rows"] == len(real_study["trials"])
+    assert seen["rows"] == len(doc["trials"])
     for state in ("FAIL", "RUNNING", "WAITING", "COMPLETE"):
         assert f"state-{state}" in seen["row_states"]
     assert shot.stat().st_size > 10_000
+    # the exported JSON gives the same report content as the storage
+    results = tmp_path / "study.json"
+    results.write_text(json.dumps(doc))
+    code, _, stderr = run_cli(["report", str(results), "-o", str(tmp_path / "from-json")], capsys)
+    assert code in (0, None), stderr
+    again = json.loads((tmp_path / "from-json" / "report.json").read_text())
+    def settled(rows: list[dict]) -> list[dict]:  # a RUNNING trial's elapsed seconds grow between two reads
+        return [{k: v for k, v in r.items() if not (r["state"] == "RUNNING" and k == "seconds")} for r in rows]
+
+    assert settled(again["rows"]) == settled(summary["rows"])
+    assert again["best_under_budgets"] == summary["best_under_budgets"]
+
+
+@pytest.mark.slow
+def test_report_of_a_missing_study_is_one_line(real_study, capsys):
+    code, _, stderr = run_cli(["report", real_study["url"], "--study", "no-such-study"], capsys)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: ")
 
 
 @pytest.mark.slow

@@ -189,11 +189,12 @@ def has_efficiency(doc: dict[str, Any]) -> bool:
     return any(isinstance(t.get("efficiency"), dict) for t in complete(doc))
 
 
-def touched_targets(trial: dict[str, Any]) -> list[tuple[int, str]] | None:
+def touched_targets(trial: dict[str, Any], n_layers: int | None = None) -> list[tuple[int, str]] | None:
     """The (layer, role) targets a trial actually changed, or None when the document does not say.
 
     From the decomposition report (targets not kept dense) when present; else from a plan written with
-    explicit layer and role lists (no overrides), which is how sensitivity sweeps write theirs.
+    explicit layer and role lists (no overrides), which is how sensitivity sweeps write theirs
+    (``layers: all`` needs ``n_layers``). Roles are the plan's names (``all`` for every role).
     """
     report = trial.get("decomposition")
     if isinstance(report, dict) and isinstance(report.get("targets"), list):
@@ -205,6 +206,8 @@ def touched_targets(trial: dict[str, Any]) -> list[tuple[int, str]] | None:
     layers, tensors = plan.get("layers"), plan.get("tensors")
     if isinstance(layers, int):
         layers = [layers]
+    if layers == "all" and n_layers:
+        layers = list(range(n_layers))
     if not isinstance(layers, list) or not all(isinstance(x, int) for x in layers):
         return None
     if tensors == "all":

@@ -256,11 +256,23 @@ def _role_sort(roles: set[str]) -> list[str]:
     return [*known, *rest, *(["all"] if "all" in roles else [])]
 
 
-def sensitivity_cells(doc: dict[str, Any], key: str | None = None
+#: Column of trials that decompose one role in every layer (the tensor-sensitivity preset's ``q@all``).
+ALL_LAYERS = -1
+
+
+def _every_layer(trial: dict[str, Any], layers: set[int], n_layers: int | None) -> bool:
+    plans = [trial.get("plan"), (trial.get("decomposition") or {}).get("plan")]
+    if any(isinstance(p, dict) and p.get("layers") == "all" for p in plans):
+        return True
+    return bool(n_layers) and layers == set(range(n_layers or 0))
+
+
+def sensitivity_cells(doc: dict[str, Any], key: str | None = None, n_layers: int | None = None
                       ) -> tuple[dict[tuple[int, str], tuple[float, dict[str, Any]]], str, bool, int]:
     """(layer, role) -> (metric change vs dense, trial) from trials that decompose one target or one layer.
 
-    A trial that touches several roles of one layer goes in the ``all`` column. When several trials hit
+    A trial that touches several roles of one layer goes in the ``all`` row; one that touches one role in
+    every layer goes in the ``all`` column (layer :data:`ALL_LAYERS`). When several trials hit
     the same cell, sweeps named like sensitivity sweeps win, then the later trial; the count of such
     repeats is returned so the caption can say so.
     """
@@ -273,12 +285,17 @@ def sensitivity_cells(doc: dict[str, Any], key: str | None = None
     cells: dict[tuple[int, str], tuple[float, dict[str, Any]]] = {}
     repeats = 0
     for t in d.complete(doc):
-        touched = d.touched_targets(t)
+        touched = d.touched_targets(t, n_layers)
         v = d.value_of(t, key)
-        if not touched or v is None or len({layer for layer, _ in touched}) != 1:
+        if not touched or v is None:
             continue
-        layer = touched[0][0]
-        role = touched[0][1] if len(touched) == 1 else "all"
+        layers, roles = {layer for layer, _ in touched}, {role for _, role in touched}
+        if len(layers) == 1:
+            layer, role = touched[0][0], (touched[0][1] if len(touched) == 1 else "all")
+        elif len(roles) == 1 and _every_layer(t, layers, n_layers):
+            layer, role = ALL_LAYERS, touched[0][1]
+        else:
+            continue
         change = 100 * (v - base) if higher else 100 * (v - base) / base
         cell = (layer, role)
         if cell in cells:
@@ -292,17 +309,18 @@ def sensitivity_cells(doc: dict[str, Any], key: str | None = None
 
 def sensitivity_heatmap(doc: dict[str, Any], key: str | None = None, n_layers: int | None = None) -> Figure:
     """Roles × layers: change of the study's headline metric when only that target (or layer) is decomposed."""
-    cells, label, higher, repeats = sensitivity_cells(doc, key)
+    cells, label, higher, repeats = sensitivity_cells(doc, key, n_layers)
     if not cells:
-        raise FigureUnavailable("no complete trial decomposes exactly one target or one layer "
-                                "(run a tensor-sensitivity or single-layer sweep)")
+        raise FigureUnavailable("no complete trial decomposes exactly one target, one layer, or one role in "
+                                "every layer (run a tensor-sensitivity or single-layer sweep)")
     roles = _role_sort({r for _, r in cells})
-    top = max(layer for layer, _ in cells)
-    n_layers = max(n_layers or 0, top + 1)
-    grid = np.full((len(roles), n_layers), np.nan)
+    n_layers = max(n_layers or 0, 1 + max(layer for layer, _ in cells))
+    has_all = any(layer == ALL_LAYERS for layer, _ in cells)
+    col = {layer: layer for layer in range(n_layers)} | {ALL_LAYERS: n_layers}
+    grid = np.full((len(roles), n_layers + has_all), np.nan)
     for (layer, role), (change, _) in cells.items():
-        grid[roles.index(role), layer] = change
-    fig = new_figure(min(14.0, max(6.5, 0.36 * n_layers + 2.5)), max(3.0, 0.42 * len(roles) + 2.0))
+        grid[roles.index(role), col[layer]] = change
+    fig = new_figure(min(14.0, max(6.5, 0.36 * grid.shape[1] + 2.5)), max(3.0, 0.42 * len(roles) + 2.0))
     ax = fig.add_subplot()
     lim = float(np.nanmax(np.abs(grid))) or 1.0
     from matplotlib import colormaps
@@ -310,23 +328,25 @@ def sensitivity_heatmap(doc: dict[str, Any], key: str | None = None, n_layers: i
     cmap = colormaps["RdBu" if higher else "RdBu_r"].with_extremes(bad="#e6e6e6")
     im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto",
                    interpolation="nearest", gid="heatmap")
-    ax.set_xticks(range(n_layers), [str(i) for i in range(n_layers)], fontsize=7)
+    ax.set_xticks(range(grid.shape[1]), [*map(str, range(n_layers)), *(["all"] if has_all else [])], fontsize=7)
     ax.set_yticks(range(len(roles)), roles, fontsize=8)
-    ax.set_xlabel("layer")
+    if has_all:
+        ax.axvline(n_layers - 0.5, color="black", linewidth=1.2)
+    ax.set_xlabel("layer decomposed")
     ax.set_ylabel("role decomposed")
     unit = "percentage points" if higher else "% relative"
     cb = fig.colorbar(im, ax=ax, shrink=0.9)
     cb.set_label(f"{label} change vs dense ({unit})", fontsize=8)
     if grid.size <= 400:
         for (layer, role), (change, _) in cells.items():
-            ax.text(layer, roles.index(role), f"{change:+.1f}", ha="center", va="center", fontsize=6,
+            ax.text(col[layer], roles.index(role), f"{change:+.1f}", ha="center", va="center", fontsize=6,
                     color="white" if abs(change) > 0.6 * lim else "black")
     ax.set_title(_title(doc, "Sensitivity: one target decomposed at a time"), fontsize=10)
     worse = "red = worse (lower)" if higher else "red = worse (higher)"
     bench = [label.split()[0]] if key and key.startswith("metric:") else d.benchmarks(doc, "score")
     set_caption(fig, "\n".join([
         f"Each cell: the {label} of the model with only that (layer, role) decomposed, minus the dense model's "
-        f"({unit}); {worse}; grey = not measured; 'all' = every role of that layer. {len(cells)} cells measured"
+        f"({unit}); {worse}; grey = not measured; row 'all' = every role of that layer; column 'all' = that role in every layer. {len(cells)} cell(s) measured"
         + (f"; {repeats} cell(s) measured twice: a sensitivity sweep's trial wins, else the later trial."
            if repeats else "."),
         *d.protocols(doc, bench), _env_line(doc)]))
