@@ -35,6 +35,7 @@ to a temp folder that is removed on any error, so OUT is either complete or unto
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -67,8 +68,8 @@ from rankwise.checkpoint.output import (
 from rankwise.decomposition.base import CalibrationStats, get_method
 from rankwise.decomposition_report import DecompositionReport, TargetReport
 from rankwise.design.plan import DecompSpec, Plan
-from rankwise.errors import ModelLoadError, PlanError, RankwiseError, first_line
-from rankwise.models.adapters import ArchitectureAdapter, TargetInfo
+from rankwise.errors import ModelLoadError, PlanError, first_line
+from rankwise.models.adapters import ArchitectureAdapter, TargetInfo, adapter_for
 from rankwise.models.zoo import parse_dtype
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -76,62 +77,97 @@ SINGLE_FILE = "model.safetensors"
 
 
 # --- the source checkpoint ----------------------------------------------------------------------------------
+#: safetensors dtype names -> torch dtypes (the format's header names them so).
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def read_header(path: Path) -> dict[str, dict[str, Any]]:
+    """The tensor entries of a safetensors file's header: name -> {dtype, shape, data_offsets}.
+
+    Why not ``safe_open``: it memory-maps the whole file copy-on-write, which counts as process data memory
+    (``RLIMIT_DATA``) and fails for a file larger than the limit; plain reads of one tensor's bytes do not.
+    """
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= 100_000_000:
+                raise ValueError(f"header length {n}")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path}: not a readable safetensors file (header is not a mapping)")
+    header.pop("__metadata__", None)
+    for key, entry in header.items():
+        if not (isinstance(entry, dict) and entry.get("dtype") in _ST_DTYPES
+                and isinstance(entry.get("shape"), list) and isinstance(entry.get("data_offsets"), list)):
+            raise ModelLoadError(f"{path}: tensor {key} has an unreadable header entry")
+    return {k: v for k, v in header.items()}
+
+
 @dataclass
 class SafetensorsSource:
-    """A safetensors model folder: which file holds each tensor, read lazily by key."""
+    """A safetensors model folder: which file holds each tensor, each tensor read on its own by byte range."""
 
     folder: Path
     files: dict[str, Path]  # tensor name -> file
+    entries: dict[str, dict[str, Any]]  # tensor name -> header entry
 
     @classmethod
     def open(cls, folder: str | os.PathLike[str]) -> SafetensorsSource:
-        from safetensors import safe_open
-
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise ModelLoadError(f"{folder}: not a model folder (no config.json)")
         index = folder / INDEX_FILE
-        files: dict[str, Path] = {}
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+                names = sorted(set(weight_map.values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise ModelLoadError(f"{index}: unreadable index ({first_line(exc)})") from None
-            for key, name in weight_map.items():
-                path = folder / name
-                if not path.is_file():
-                    raise ModelLoadError(f"{index}: shard {name} (holding {key}) is missing")
-                files[key] = path
         elif (folder / SINGLE_FILE).is_file():
-            path = folder / SINGLE_FILE
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    files = dict.fromkeys(f.keys(), path)
-            except Exception as exc:  # safetensors raises its own error types for corrupt headers
-                raise ModelLoadError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
+            names = [SINGLE_FILE]
         else:
             raise ModelLoadError(f"{folder}: streaming needs {SINGLE_FILE} or {INDEX_FILE} (safetensors weights)")
-        return cls(folder, files)
+        files: dict[str, Path] = {}
+        entries: dict[str, dict[str, Any]] = {}
+        for name in names:
+            path = folder / name
+            if not path.is_file():
+                raise ModelLoadError(f"{folder}: shard {name} named by {INDEX_FILE} is missing")
+            for key, entry in read_header(path).items():
+                files[key], entries[key] = path, entry
+        return cls(folder, files, entries)
 
     def read(self, keys: Iterable[str], dtype: torch.dtype, device: str = "cpu") -> dict[str, torch.Tensor]:
-        """The named tensors, cast to ``dtype`` on ``device``; each file is opened once."""
-        from safetensors import safe_open
-
-        by_file: dict[Path, list[str]] = {}
-        for key in keys:
-            by_file.setdefault(self.files[key], []).append(key)
+        """The named tensors (floating ones cast to ``dtype``) on ``device``; only their bytes are read."""
         out: dict[str, torch.Tensor] = {}
-        for path, names in by_file.items():
+        for key in keys:
+            path, entry = self.files[key], self.entries[key]
+            begin, end = (int(x) for x in entry["data_offsets"])
+            t = torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]])
+            nbytes = t.numel() * t.element_size()
+            if end - begin != nbytes:
+                raise ModelLoadError(f"{path}: tensor {key} has {end - begin} bytes for shape {entry['shape']}")
             try:
-                with safe_open(str(path), framework="pt") as f:
-                    for key in names:
-                        t = f.get_tensor(key)
-                        out[key] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
-            except RankwiseError:
-                raise
-            except Exception as exc:
-                raise ModelLoadError(f"{path}: cannot read tensors ({first_line(exc)})") from None
+                with open(path, "rb") as f:
+                    f.seek(8 + _header_len(path) + begin)
+                    got = f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy()) if nbytes else bytearray())
+            except OSError as exc:
+                raise ModelLoadError(f"{path}: cannot read tensor {key} ({first_line(exc)})") from None
+            if nbytes and got != nbytes:
+                raise ModelLoadError(f"{path}: truncated file (tensor {key})")
+            out[key] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
         return out
+
+
+def _header_len(path: Path) -> int:
+    with open(path, "rb") as f:
+        return int.from_bytes(f.read(8), "little")
 
 
 def source_folder(spec: str | os.PathLike[str]) -> Path:
@@ -153,8 +189,12 @@ def source_folder(spec: str | os.PathLike[str]) -> Path:
 # --- the meta-device skeleton -------------------------------------------------------------------------------
 def build_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
     """The model's architecture with its parameters on the meta device (no memory) and its buffers (rotary
-    frequencies, position ids) real, as the model's constructor computes them."""
-    from accelerate import init_empty_weights
+    frequencies, position ids) real, as the model's constructor computes them.
+
+    Built under ``torch.device("meta")``: nothing is allocated, not even transiently (building on the CPU
+    and moving each parameter to meta, as ``init_empty_weights`` does, leaves the process's heap as large
+    as the whole model). The buffers come from a one-block, tiny-vocabulary copy built on the CPU.
+    """
     from transformers import AutoConfig
 
     from rankwise.models.zoo import _auto_classes, _model_kind
@@ -162,24 +202,84 @@ def build_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
     try:
         config = AutoConfig.from_pretrained(folder)
         cls = _auto_classes(_model_kind(config, None))
-        with init_empty_weights(include_buffers=False):
+        with torch.device("meta"):
             model = cls.from_config(config, dtype=dtype)
+        tiny = cls.from_config(_tiny_config(config), dtype=dtype)
     except Exception as exc:
         raise ModelLoadError(f"cannot build the architecture of {folder}: {first_line(exc)}") from None
+    _copy_buffers(tiny, model)
     model.eval()
     model.tie_weights()
     return model
 
 
+def _tiny_config(config: Any) -> Any:
+    """The same architecture with one block and a 16-token vocabulary (for its buffers, which need neither)."""
+    import copy
+
+    small = copy.deepcopy(config)
+    small.num_hidden_layers = 1
+    if isinstance(getattr(small, "layer_types", None), list):
+        small.layer_types = small.layer_types[:1]
+    if isinstance(getattr(small, "vocab_size", None), int):
+        small.vocab_size = 16
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(small, key, None)
+            if isinstance(value, int) and value >= 16:
+                setattr(small, key, None)
+    return small
+
+
+def _copy_buffers(tiny: nn.Module, model: nn.Module) -> None:
+    """Give ``model`` (on meta) the real buffers of ``tiny``: same names outside the blocks, block 0's for
+    every block."""
+    adapter = adapter_for(tiny)
+    block_prefix = adapter.blocks_path + "."
+    for name, buf in tiny.named_buffers():
+        if name.startswith(block_prefix):
+            rest = name[len(block_prefix):].split(".", 1)[1]
+            targets = [f"{block_prefix}{i}.{rest}" for i in range(len(model.get_submodule(adapter.blocks_path)))]
+        else:
+            targets = [name]
+        for target in targets:
+            owner_name, _, attr = target.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            old = owner._buffers.get(attr)
+            if old is not None and tuple(old.shape) == tuple(buf.shape):
+                owner._buffers[attr] = buf.clone()
+
+
+def release_freed_memory() -> None:
+    """Make glibc return freed tensor memory to the OS at once (a fixed 1 MiB mmap threshold).
+
+    Why: glibc raises its mmap threshold each time a large block is freed, after which blocks of that size
+    come from the heap, and a heap fragmented by a block's worth of tensors per step only grows: the
+    process would keep about 10 MB per block streamed (measured) although no tensor is alive. With a fixed
+    threshold every tensor above 1 MiB is its own mapping, unmapped when freed. No effect off glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 def _to_meta(module: nn.Module, skip: tuple[str, ...] = ()) -> None:
-    """Replace every parameter of ``module`` (except under ``skip`` prefixes) by a meta tensor: frees it."""
-    for mod_name, mod in module.named_modules():
+    """Replace every parameter of ``module`` (except under ``skip`` prefixes) by a meta tensor: frees it.
+
+    A parameter shared by several modules (tied embeddings) stays shared, so sizes count it once."""
+    memo: dict[int, nn.Parameter] = {}
+    for mod_name, mod in module.named_modules(remove_duplicate=False):
         if any(mod_name == s or mod_name.startswith(s + ".") for s in skip):
             continue
         for pname, p in list(mod._parameters.items()):
             if p is not None and p.device.type != "meta":
-                mod._parameters[pname] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
-                                                      requires_grad=False)
+                if id(p) not in memo:
+                    memo[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                               requires_grad=False)
+                mod._parameters[pname] = memo[id(p)]
 
 
 def _meta_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -197,7 +297,7 @@ def _ties(model: nn.Module) -> bool:
 
 # --- the pass -----------------------------------------------------------------------------------------------
 def stream_decompose(source: str | os.PathLike[str], out: str | os.PathLike[str],
-                     plan: Plan | Mapping[str, Any] | str | Path, calibration: CalibrationConfig | None = None, *,
+                     plan: Plan | Mapping[str, Any] | str | Path, calibration: CalibrationConfig | torch.Tensor | None = None, *,
                      fold: str | bool | None = None, sequential: bool = False, offload: str = "cpu",
                      device: str = "cpu", dtype: str = "float32", progress: bool = True, overwrite: bool = False,
                      name: str | None = None) -> DecompositionReport:
@@ -209,6 +309,9 @@ def stream_decompose(source: str | os.PathLike[str], out: str | os.PathLike[str]
     """
     t_start = time.perf_counter()
     out = Path(out).expanduser()
+    if offload not in ("cpu", "disk"):
+        raise PlanError(f"--offload: {offload!r} must be cpu or disk")
+    release_freed_memory()
     with output_lock(out):
         check_out_folder(out, overwrite)
         clean_leftovers(out)
@@ -217,7 +320,7 @@ def stream_decompose(source: str | os.PathLike[str], out: str | os.PathLike[str]
 
 
 def _stream_locked(source: str | os.PathLike[str], out: Path, plan: Plan | Mapping[str, Any] | str | Path,
-                   calibration: CalibrationConfig | None, fold: str | bool | None, sequential: bool, offload: str,
+                   calibration: CalibrationConfig | torch.Tensor | None, fold: str | bool | None, sequential: bool, offload: str,
                    device: str, dtype: str, progress: bool, name: str | None, t_start: float
                    ) -> DecompositionReport:
     folder = source_folder(source)
@@ -286,7 +389,7 @@ def _is_buffer(model: nn.Module, key: str) -> bool:
 def _run(model: nn.Module, adapter: ArchitectureAdapter, blocks: nn.Module, blocks_path: str,
          chosen: list[tuple[TargetInfo, DecompSpec]], methods: Mapping[str, Any],
          request: Mapping[str, frozenset[str]], src: SafetensorsSource, block_keys: dict[int, list[str]],
-         stem_keys: list[str], tmp: Path, calibration: CalibrationConfig | None, fold_mode: str | bool,
+         stem_keys: list[str], tmp: Path, calibration: CalibrationConfig | torch.Tensor | None, fold_mode: str | bool,
          sequential: bool, offload: str, device: str, dtype: torch.dtype, progress: bool
          ) -> tuple[list[TargetReport], dict[str, Any] | None, dict[str, dict[str, int]]]:
     """The block loop; returns the target records, the calibration record and shard -> {key: bytes}."""
@@ -309,8 +412,11 @@ def _run(model: nn.Module, adapter: ArchitectureAdapter, blocks: nn.Module, bloc
     calib_ctx = None
     t_calib = 0.0
     if last_calibrated >= 0:
-        config = calibration or CalibrationConfig()
-        ids = calibration_ids(_tokenizer(src.folder), config, surgery._max_length(model))
+        config = calibration if isinstance(calibration, CalibrationConfig) else CalibrationConfig()
+        if isinstance(calibration, torch.Tensor):
+            ids = calibration.to(torch.int64)
+        else:
+            ids = calibration_ids(_tokenizer(src.folder), config, surgery._max_length(model))
         bounds = calibration_bounds(int(ids.shape[0]), config.batch_size)
         hidden = int(getattr(model.config, "hidden_size", 0) or 0)
         types = set(getattr(model.config, "layer_types", None) or [])
@@ -323,6 +429,7 @@ def _run(model: nn.Module, adapter: ArchitectureAdapter, blocks: nn.Module, bloc
         stores = calib_ctx.__enter__()
         stem_assign = {k: v.to(device) for k, v in stem.items()}
         model.load_state_dict(stem_assign, strict=False, assign=True)
+        model.tie_weights()  # assigning the embeddings untied them from the (meta) head
         del stem_assign
         if device != "cpu":
             model.to(device)  # the stem's buffers (rotary frequencies); the blocks are still on the meta device
@@ -333,7 +440,9 @@ def _run(model: nn.Module, adapter: ArchitectureAdapter, blocks: nn.Module, bloc
         t_calib += time.perf_counter() - t0
         calib_info = {"source": "streaming (block by block)", "mode": "sequential" if sequential else "one-pass",
                       "offload": offload, "n_sequences": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
-                      "n_tokens": int(ids.numel()), "cache_hit": False, **config.describe()}
+                      "n_tokens": int(ids.numel()), "cache_hit": False,
+                      **(config.describe() if not isinstance(calibration, torch.Tensor)
+                         else {"source": "token ids given by the caller (streaming, block by block)"})}
     del stem
     try:
         with surgery._bar(progress, "decompose (streaming)", total=n_layers) as update:
@@ -444,11 +553,67 @@ def block_bytes(model_folder: str | os.PathLike[str], layer: int = 0, dtype: str
     """Bytes of one block's tensors in ``dtype`` (for memory budgets and the streaming benchmark)."""
     folder = source_folder(model_folder)
     model = build_skeleton(folder, parse_dtype(dtype))
-    from rankwise.models.adapters import adapter_for
-
     adapter = adapter_for(model)
     block = adapter.block(layer)
     return sum(p.numel() * p.element_size() for p in block.parameters())
 
 
-__all__ = ["SafetensorsSource", "block_bytes", "build_skeleton", "source_folder", "stream_decompose"]
+def repeat_blocks(source: str | os.PathLike[str], out: str | os.PathLike[str], n_layers: int,
+                  blocks_per_shard: int = 16) -> Path:
+    """Write a deeper copy of a model: its blocks repeated (block i is block i mod L of ``source``) until it
+    has ``n_layers``, sharded, one block in memory at a time. A model larger than memory out of a small one,
+    for the streaming memory test and benchmark (the weights are real, the depth is not)."""
+    from safetensors.torch import save_file
+
+    folder = source_folder(source)
+    src = SafetensorsSource.open(folder)
+    config = read_config(folder) or {}
+    depth = int(config.get("num_hidden_layers") or 0)
+    if depth < 1 or n_layers < 1:
+        raise PlanError(f"repeat_blocks: {folder} has no num_hidden_layers, or n_layers {n_layers} < 1")
+    model = build_skeleton(folder, torch.float32)
+    adapter = adapter_for(model)
+    prefix = adapter.blocks_path + "."
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=False)
+    by_layer: dict[int, list[str]] = {}
+    stem: list[str] = []
+    for key in src.files:
+        layer = adapter.layer_of(key)
+        (by_layer.setdefault(layer, []) if layer is not None else stem).append(key)
+    weight_map: dict[str, str] = {}
+    total = 0
+    n_shards = 1 + math.ceil(n_layers / blocks_per_shard)
+
+    def write(index: int, tensors: dict[str, torch.Tensor]) -> None:
+        nonlocal total
+        name = f"model-{index + 1:05d}-of-{n_shards:05d}.safetensors"
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    first = src.entries[stem[0]]["dtype"] if stem else "F32"
+    write(0, src.read(stem, _ST_DTYPES[first]))
+    for shard in range(1, n_shards):
+        tensors: dict[str, torch.Tensor] = {}
+        for layer in range((shard - 1) * blocks_per_shard, min(shard * blocks_per_shard, n_layers)):
+            keys = by_layer[layer % depth]
+            got = src.read(keys, _ST_DTYPES[src.entries[keys[0]]["dtype"]])
+            old = f"{prefix}{layer % depth}."
+            tensors.update({f"{prefix}{layer}.{k[len(old):]}": v for k, v in got.items()})
+        write(shard, tensors)
+        del tensors
+    (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
+                                              "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+    config["num_hidden_layers"] = n_layers
+    if isinstance(config.get("layer_types"), list) and config["layer_types"]:
+        config["layer_types"] = [config["layer_types"][i % depth] for i in range(n_layers)]
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for extra in folder.iterdir():
+        if extra.is_file() and extra.name not in ("config.json", INDEX_FILE) and extra.suffix != ".safetensors" \
+                and not extra.name.startswith("rankwise-"):
+            shutil.copy2(extra, out / extra.name)
+    return out
+
+
+__all__ = ["SafetensorsSource", "block_bytes", "build_skeleton", "repeat_blocks", "source_folder", "stream_decompose"]
