@@ -106,10 +106,9 @@ def run_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Create or resume a study from SPEC and run it to the end (Ctrl-C abandons the current trial cleanly)."""
-    from rankwise.studies.engine import StudyInterrupted, run_study, study_name_for
+    from rankwise.studies.engine import StudyInterrupted, check_existing, run_study, study_name_for
     from rankwise.studies.export import write_json
     from rankwise.studies.spec import load_spec
-    from rankwise.studies.storage import open_storage
     from rankwise.studies.trial import check_study_data
 
     console = Console(stderr=True)
@@ -117,8 +116,8 @@ def run_command(
     study_name = study_name_for(parsed, name)
     log = (lambda m: None) if quiet else (lambda m: console.print(m, highlight=False))
     on_interrupt(NO_TRIAL_NOTE)
-    open_storage(storage)  # bad storage or missing data: one error line before any bar or model
-    check_study_data(parsed)
+    check_existing(parsed, storage, study_name)  # bad storage, foreign spec, missing data: one error line
+    check_study_data(parsed)                      # before any bar or model
     try:
         with _StudyBar(storage, study_name, console, enabled=not quiet and workers > 0):
             doc = run_study(parsed, storage, workers, name=study_name, log=log,

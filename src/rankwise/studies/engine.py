@@ -104,6 +104,19 @@ def enqueue_missing(study: Any, points: list[DesignPoint]) -> int:
     return added
 
 
+def check_existing(spec: StudySpec, storage_url: str, name: str) -> None:
+    """An existing study of this name must have been created from the same spec (checked before any model
+    loads): a one-line error otherwise, so two specs' trials are never mixed."""
+    import optuna
+
+    storage = open_storage(storage_url)
+    if name in study_names(storage):
+        old = optuna.load_study(study_name=name, storage=storage).user_attrs.get("spec_hash")
+        if old != spec.hash:
+            raise RankwiseError(f"study '{name}' in {storage_url} exists with a different spec (hash {old}, this "
+                                f"spec {spec.hash}): choose another --name or run the original spec")
+
+
 def create_or_resume(spec: StudySpec, storage_url: str, name: str, model: Any) -> tuple[Any, list[DesignPoint], bool]:
     """Create the study (spec, hash, points, queued grid trials) or resume it; (study, points, created)."""
     import optuna
@@ -111,11 +124,8 @@ def create_or_resume(spec: StudySpec, storage_url: str, name: str, model: Any) -
     storage = open_storage(storage_url)
     created = False
     if name in study_names(storage):
+        check_existing(spec, storage_url, name)
         study = optuna.load_study(study_name=name, storage=storage)
-        old = study.user_attrs.get("spec_hash")
-        if old != spec.hash:
-            raise RankwiseError(f"study '{name}' in {storage_url} exists with a different spec (hash {old}, this "
-                                f"spec {spec.hash}): choose another --name or run the original spec")
         points = [DesignPoint.from_dict(d) for d in study.user_attrs.get("points", [])]
     else:
         points = expand_points(spec, model)
@@ -435,8 +445,8 @@ def run_study(spec: StudySpec | str | os.PathLike[str] | dict, storage: str = "s
     if workers < 0:
         raise RankwiseError(f"--workers must be 0 or more, got {workers}")
     study_name = study_name_for(spec, name)
-    open_storage(storage)  # an unreachable storage or missing data fails before the model loads
-    check_study_data(spec)
+    check_existing(spec, storage, study_name)  # unreachable storage, foreign spec, missing data: before
+    check_study_data(spec)                     # the model loads
     runner = PointRunner(spec, [], progress=progress, log=log)
     _study, points, _ = create_or_resume(spec, storage, study_name, runner.model)
     if workers == 0:
