@@ -350,9 +350,7 @@ def _stream_locked(source: str | os.PathLike[str], out: Path, plan: Plan | Mappi
     for key in _meta_state(model):
         layer = adapter.layer_of(key)
         (block_keys[layer] if layer is not None else stem_keys).append(key)
-    for key in stem_keys:
-        if key not in src.files and not _is_buffer(model, key):
-            raise ModelLoadError(f"{folder}: tensor {key} is missing from the checkpoint")
+    check_source(model, src)
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -382,8 +380,28 @@ def _stream_locked(source: str | os.PathLike[str], out: Path, plan: Plan | Mappi
     return report
 
 
-def _is_buffer(model: nn.Module, key: str) -> bool:
-    return key in dict(model.named_buffers())
+def check_source(model: nn.Module, src: SafetensorsSource) -> None:
+    """Every tensor the architecture needs is in the checkpoint with its shape, and nothing else is: checked
+    from the headers before any work, so a broken checkpoint never yields random or half-written weights."""
+    expected = _meta_state(model)
+    everything = model.state_dict(keep_vars=True)  # tied copies included: a checkpoint may store them
+    buffers = {name for name, _ in model.named_buffers()}
+
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    missing = sorted(k for k in expected if k not in src.files and k not in buffers)
+    if missing:
+        raise ModelLoadError(f"{src.folder}: tensor(s) missing from the checkpoint: {some(missing)}")
+    unexpected = sorted(k for k in src.files if k not in everything)
+    if unexpected:
+        raise ModelLoadError(f"{src.folder}: tensor(s) the {type(model).__name__} architecture does not have: "
+                             f"{some(unexpected)}")
+    for key, tensor in expected.items():
+        entry = src.entries.get(key)
+        if entry is not None and tuple(entry["shape"]) != tuple(tensor.shape):
+            raise ModelLoadError(f"{src.folder}: tensor {key} has shape {tuple(entry['shape'])}, the architecture "
+                                 f"needs {tuple(tensor.shape)}")
 
 
 def _run(model: nn.Module, adapter: ArchitectureAdapter, blocks: nn.Module, blocks_path: str,
