@@ -57,7 +57,7 @@ def bench(
                                               "none.")] = "8x256",
     repeats: Annotated[int, typer.Option(help="Timed repeats per workload (median reported).")] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per workload.")] = 1,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda (cuda:N) or auto (cuda when available).")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="torch.set_num_threads (default: torch's).")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoint's "
                                                    "own, float32 otherwise).")] = None,
@@ -74,21 +74,19 @@ def bench(
     import torch
 
     from rankwise.cli.common import check_output_file, on_interrupt, write_note
+    from rankwise.devices import resolve_device
     from rankwise.efficiency.compare import BenchConfig, compare
     from rankwise.efficiency.execution import choose_execution
     from rankwise.efficiency.pairing import bench_pair, check_pairing
 
     # --- check the options before anything slow ------------------------------------------------------------
+    device = resolve_device(device)
     config = BenchConfig(seq_lens=parse_ints(seq_lens, "--seq-lens"),
                          batch_sizes=parse_ints(batch_sizes, "--batch-sizes"),
                          decode_tokens=parse_ints(str(decode_tokens), "--decode-tokens")[0],
                          context=parse_ints(str(context), "--context")[0], scoring=parse_scoring(scoring),
                          repeats=parse_ints(str(repeats), "--repeats")[0], warmup=max(0, warmup), device=device,
                          control=control)
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise RankwiseError(f"--device: '{device}' is not cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RankwiseError("--device cuda: no CUDA device is available on this machine")
     if execution not in ("auto", "as-is"):
         raise RankwiseError(f"--execution: '{execution}' is not auto or as-is")
     if threads is not None:

@@ -102,6 +102,13 @@ def decompose(
     data_dir: Annotated[Path | None, typer.Option(help="Data folder (default $RANKWISE_DATA).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report to this JSON file.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    streaming: Annotated[bool, typer.Option("--streaming", help="One block at a time from MODEL's safetensors "
+                                                                "(memory: one block + calibration buffers).")] = False,
+    sequential: Annotated[bool, typer.Option("--sequential", help="With --streaming: calibrate each block on the "
+                                                                  "already-compressed earlier blocks.")] = False,
+    offload: Annotated[str, typer.Option(help="With --streaming: calibration hidden states in RAM (cpu) or "
+                                              "memory-mapped on disk (disk).")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda (cuda:N) or auto (cuda when available).")] = "cpu",
 ) -> None:
     """Decompose the planned targets of MODEL and save a checkpoint that loads with rankwise or transformers."""
     from rankwise.calibration.data import CalibrationConfig
@@ -126,10 +133,22 @@ def decompose(
     calibration = CalibrationConfig(dataset=calib_data, n_samples=calib_samples, seq_len=calib_seq_len,
                                     seed=calib_seed, data_dir=str(data_dir) if data_dir else None)
 
-    loaded = load(model, dtype=dtype)
-    report = run_decompose(loaded.model, the_plan, calibration, tokenizer=loaded.tokenizer, fold=fold_mode,
-                           progress=not quiet, use_cache=calib_cache, name=model)
-    save(loaded.model, out, tokenizer=loaded.tokenizer, report=report, overwrite=overwrite)
+    from rankwise.devices import resolve_device
+
+    device = resolve_device(device)
+    if streaming:
+        from rankwise.decomposition.streaming import stream_decompose
+
+        report = stream_decompose(model, out, the_plan, calibration, fold=fold_mode, sequential=sequential,
+                                  offload=offload, device=device, dtype=dtype, progress=not quiet,
+                                  overwrite=overwrite, name=model)
+    else:
+        if sequential or offload != "cpu":
+            raise RankwiseError("--sequential and --offload apply to --streaming only")
+        loaded = load(model, dtype=dtype, device=device)
+        report = run_decompose(loaded.model, the_plan, calibration, tokenizer=loaded.tokenizer, fold=fold_mode,
+                               progress=not quiet, use_cache=calib_cache, name=model)
+        save(loaded.model, out, tokenizer=loaded.tokenizer, report=report, overwrite=overwrite)
     on_interrupt(f"the checkpoint was saved to {out}")
     data = report.to_dict()
     data["checkpoint"] = str(out)

@@ -45,7 +45,7 @@ def eval_command(
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Benchmark data folder "
                                                                      "(default: $RANKWISE_DATA).")] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ...")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda (cuda:N), mps or auto (cuda when available).")] = "cpu",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results (metrics, stderr, n, "
                                                                  "protocol) to this JSON file.")] = None,
     log_samples: Annotated[Path | None, typer.Option("--log-samples", help="Write per-item log-likelihoods "
@@ -97,6 +97,9 @@ def eval_command(
 
     console = Console(stderr=True)
     start = time.perf_counter()
+    from rankwise.devices import resolve_device
+
+    device = resolve_device(device)
     loaded = load(model, dtype=dtype, device=device)
     if harness == "rankwise":
         runner.check_requirements(resolved, loaded.info.kind, loaded.info.name)

@@ -24,10 +24,13 @@ def inspect(
     plot: Annotated[Path | None, typer.Option(
         "--plot", help="Also write singular-value spectra figures (PNG, SVG) and spectra.json into this folder.")
     ] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda (cuda:N) or auto (cuda when available).")] = "cpu",
 ) -> None:
     """Per-target shapes, break-even ranks, energy ranks, stable ranks, and the design-space size."""
+    from rankwise.devices import resolve_device
+
     console = Console(stderr=True)
-    loaded = load(model, dtype=dtype)
+    loaded = load(model, dtype=dtype, device=resolve_device(device))
     with Progress(TextColumn("spectra"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeRemainingColumn(), console=console, transient=True, disable=as_json) as bar:
         task = bar.add_task("spectra", total=None)
