@@ -205,3 +205,15 @@ def test_hidden_state_replay_is_bit_identical():
         assert torch.equal(a, b)
     assert not torch.equal(full[0], dense[0])
     assert type(model.model.layers[0]).__name__ == "LlamaDecoderLayer"  # blocks put back
+
+
+def test_hidden_state_recording_stays_within_its_budget():
+    from rankwise.studies.hidden import HiddenStateCache
+
+    model = tiny_llama(layers=4)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+    one_layer = 2 * 9 * 64 * 4  # batch x tokens x hidden x float32
+    cache = HiddenStateCache(model, max_bytes=2 * one_layer)
+    with cache.session(None, record_all=True), torch.inference_mode():
+        model(ids)
+    assert sorted(cache.store) == [0, 1] and cache.bytes == 2 * one_layer

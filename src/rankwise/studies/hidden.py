@@ -121,10 +121,23 @@ class HiddenStateCache:
                 return (saved, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": saved}
 
+        pending = {"bytes": 0}
+
         def recorder(layer: int) -> Any:
             def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-                if state["key"] is not None:
-                    recordings[layer][state["key"]] = self._hidden(args, kwargs).detach()
+                if state["key"] is None or layer not in recordings:
+                    return
+                tensor = self._hidden(args, kwargs).detach()
+                size = tensor.numel() * tensor.element_size()
+                # Within the memory budget while recording, not only at the end: drop the highest layers
+                # first (a lower recording serves every trial whose first changed layer is above it).
+                while self.bytes + pending["bytes"] + size > self.max_bytes and recordings:
+                    top_layer = max(recordings)
+                    pending["bytes"] -= sum(t.numel() * t.element_size() for t in recordings.pop(top_layer).values())
+                    if top_layer == layer:
+                        return
+                recordings[layer][state["key"]] = tensor
+                pending["bytes"] += size
             return hook
 
         try:
@@ -138,7 +151,7 @@ class HiddenStateCache:
             if not self.verified:
                 handles.append(originals[0].register_forward_hook(self._check_output))
             yield
-            for lay in record:
+            for lay in sorted(recordings):
                 calls = recordings[lay]
                 size = sum(t.numel() * t.element_size() for t in calls.values())
                 if self.bytes + size > self.max_bytes or not self.enabled:
