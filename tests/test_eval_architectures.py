@@ -1,8 +1,8 @@
 """Every scoring strategy is exact on every architecture family it is allowed on, and the choice is said.
 
-Tiny random models built from transformers' config classes (eight families with the attention rules that
+Tiny random models built from transformers' config classes (eleven families with the attention rules that
 matter for packing: plain causal, one sliding window smaller than the items, alternating full/sliding
-layers with soft-capping, absolute position embeddings) score the same requests packed, with a shared
+layers, soft-capping, attention sinks, absolute position embeddings, ALiBi) score the same requests packed, with a shared
 context cache and one sequence per request; each must equal a direct one-sequence-per-request forward
 within 1e-4, with contexts and choices longer than the window. A probe error that is not a mask or
 position-id incompatibility surfaces; forced strategies that would be inexact are refused.
@@ -36,6 +36,9 @@ FAMILIES: dict[str, Callable[[], Any]] = {
     "gemma2-softcap": lambda: tf.Gemma2Config(**_LLAMA_LIKE, head_dim=8, sliding_window=WINDOW),
     "gemma3": lambda: tf.Gemma3TextConfig(**_LLAMA_LIKE, head_dim=8, sliding_window=WINDOW,
                                           layer_types=["sliding_attention", "full_attention"]),
+    # a window wider than the shared 34-token head: the head runs from a (sliding) cache, per-type masks
+    "gemma3-window48": lambda: tf.Gemma3TextConfig(**_LLAMA_LIKE, head_dim=8, sliding_window=48,
+                                                   layer_types=["sliding_attention", "full_attention"]),
     "phi3-window": lambda: tf.Phi3Config(**_LLAMA_LIKE, sliding_window=WINDOW, pad_token_id=0),
     "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
                                   bos_token_id=0, eos_token_id=0),
@@ -44,6 +47,12 @@ FAMILIES: dict[str, Callable[[], Any]] = {
     "opt": lambda: tf.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
                                 num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32,
                                 bos_token_id=0, eos_token_id=0, pad_token_id=1),
+    # attention sinks (a learned logit per head in the softmax) on alternating sliding/full layers
+    "gpt-oss-sinks": lambda: tf.GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=8, num_local_experts=2, num_experts_per_tok=1,
+                                             sliding_window=WINDOW, max_position_embeddings=128,
+                                             layer_types=["sliding_attention", "full_attention"]),
     "falcon-alibi": lambda: tf.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                                             num_attention_heads=4, alibi=True, bos_token_id=0, eos_token_id=0),
 }
