@@ -34,6 +34,7 @@ to a temp folder that is removed on any error, so OUT is either complete or unto
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -266,6 +267,14 @@ def release_freed_memory() -> None:
         pass
 
 
+def _buffers_to(model: nn.Module, device: str) -> None:
+    """Move every real buffer to ``device`` (``Module.to`` would fail on the meta parameters)."""
+    for mod in model.modules():
+        for name, buf in list(mod._buffers.items()):
+            if buf is not None and buf.device.type != "meta":
+                mod._buffers[name] = buf.to(device)
+
+
 def _to_meta(module: nn.Module, skip: tuple[str, ...] = ()) -> None:
     """Replace every parameter of ``module`` (except under ``skip`` prefixes) by a meta tensor: frees it.
 
@@ -303,7 +312,9 @@ def stream_decompose(source: str | os.PathLike[str], out: str | os.PathLike[str]
                      name: str | None = None) -> DecompositionReport:
     """Decompose the safetensors model at ``source`` block by block into a checkpoint at ``out``.
 
-    Same plan, calibration and ``fold`` semantics as :func:`rankwise.decompose`; ``sequential`` calibrates
+    Same plan and ``fold`` semantics as :func:`rankwise.decompose`; ``calibration`` is a
+    :class:`CalibrationConfig` (text from the source folder's tokenizer) or an N × L tensor of token ids;
+    ``device`` is where blocks are computed and decomposed (``cpu``, ``cuda``); ``sequential`` calibrates
     each block on the compressed earlier blocks' outputs; ``offload`` keeps the calibration hidden states in
     RAM (``cpu``) or a memory-mapped temp file (``disk``). Returns the report (also written into ``out``).
     """
@@ -427,50 +438,44 @@ def _run(model: nn.Module, adapter: ArchitectureAdapter, blocks: nn.Module, bloc
     shards[shard_name[0]] = _save_shard(tmp / shard_name[0], stem)
     calib_info: dict[str, Any] | None = None
     stores = None
-    calib_ctx = None
     t_calib = 0.0
-    if last_calibrated >= 0:
-        config = calibration if isinstance(calibration, CalibrationConfig) else CalibrationConfig()
-        if isinstance(calibration, torch.Tensor):
-            ids = calibration.to(torch.int64)
-        else:
-            ids = calibration_ids(_tokenizer(src.folder), config, surgery._max_length(model))
-        bounds = calibration_bounds(int(ids.shape[0]), config.batch_size)
-        hidden = int(getattr(model.config, "hidden_size", 0) or 0)
-        types = set(getattr(model.config, "layer_types", None) or [])
-        if len(types) > 1:
-            raise PlanError(f"streaming calibration: the model's blocks use different attention masks "
-                            f"({', '.join(sorted(map(str, types)))}); use the whole-model decompose")
-        t0 = time.perf_counter()
-        calib_ctx = activation_stores((int(ids.shape[0]), int(ids.shape[1]), hidden), dtype, offload,
-                                      folder=tmp)
-        stores = calib_ctx.__enter__()
-        stem_assign = {k: v.to(device) for k, v in stem.items()}
-        model.load_state_dict(stem_assign, strict=False, assign=True)
-        model.tie_weights()  # assigning the embeddings untied them from the (meta) head
-        del stem_assign
-        if device != "cpu":
-            model.to(device)  # the stem's buffers (rotary frequencies); the blocks are still on the meta device
-        with surgery._bar(progress, "calibration inputs", total=len(bounds) - 1) as update:
-            kwargs = capture_block_inputs(model, blocks, ids, bounds, stores[0], device, {"use_cache": False})
-            update(len(bounds) - 1, len(bounds) - 1)
-        _to_meta(model, skip=(blocks_path,))
-        t_calib += time.perf_counter() - t0
-        calib_info = {"source": "streaming (block by block)", "mode": "sequential" if sequential else "one-pass",
-                      "offload": offload, "n_sequences": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
-                      "n_tokens": int(ids.numel()), "cache_hit": False,
-                      **(config.describe() if not isinstance(calibration, torch.Tensor)
-                         else {"source": "token ids given by the caller (streaming, block by block)"})}
-    del stem
-    try:
+    with contextlib.ExitStack() as cleanup:
+        if last_calibrated >= 0:
+            config = calibration if isinstance(calibration, CalibrationConfig) else CalibrationConfig()
+            if isinstance(calibration, torch.Tensor):
+                ids = calibration.to(torch.int64)
+            else:
+                ids = calibration_ids(_tokenizer(src.folder), config, surgery._max_length(model))
+            bounds = calibration_bounds(int(ids.shape[0]), config.batch_size)
+            hidden = int(getattr(model.config, "hidden_size", 0) or 0)
+            types = set(getattr(model.config, "layer_types", None) or [])
+            if len(types) > 1:
+                raise PlanError(f"streaming calibration: the model's blocks use different attention masks "
+                                f"({', '.join(sorted(map(str, types)))}); use the whole-model decompose")
+            t0 = time.perf_counter()
+            stores = cleanup.enter_context(activation_stores((int(ids.shape[0]), int(ids.shape[1]), hidden), dtype,
+                                                             offload, folder=tmp))
+            stem_assign = {k: v.to(device) for k, v in stem.items()}
+            model.load_state_dict(stem_assign, strict=False, assign=True)
+            model.tie_weights()  # assigning the embeddings untied them from the (meta) head
+            del stem_assign
+            _buffers_to(model, device)  # rotary frequencies, position ids (parameters of blocks are still on meta)
+            with surgery._bar(progress, "calibration inputs", total=len(bounds) - 1) as update:
+                kwargs = capture_block_inputs(model, blocks, ids, bounds, stores[0], device, {"use_cache": False})
+                update(len(bounds) - 1, len(bounds) - 1)
+            _to_meta(model, skip=(blocks_path,))
+            t_calib += time.perf_counter() - t0
+            calib_info = {"source": "streaming (block by block)", "mode": "sequential" if sequential else "one-pass",
+                          "offload": offload, "n_sequences": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
+                          "n_tokens": int(ids.numel()), "cache_hit": False,
+                          **(config.describe() if not isinstance(calibration, torch.Tensor)
+                             else {"source": "token ids given by the caller (streaming, block by block)"})}
+        del stem
         with surgery._bar(progress, "decompose (streaming)", total=n_layers) as update:
             for layer in range(n_layers):
                 block = blocks[layer]
                 prefix = f"{blocks_path}.{layer}."
                 tensors = src.read(block_keys[layer], dtype, device)
-                missing = sorted(k for k in block_keys[layer] if k not in tensors)
-                if missing:
-                    raise ModelLoadError(f"{src.folder}: tensor {missing[0]} is missing from the checkpoint")
                 block.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()}, strict=False, assign=True)
                 block.to(device)
                 del tensors
@@ -505,9 +510,6 @@ def _run(model: nn.Module, adapter: ArchitectureAdapter, blocks: nn.Module, bloc
                 del state
                 _to_meta(block)
                 update(layer + 1, n_layers)
-    finally:
-        if calib_ctx is not None:
-            calib_ctx.__exit__(None, None, None)
     if calib_info is not None:
         calib_info["seconds"] = t_calib
     return records, calib_info, shards

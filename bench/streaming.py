@@ -1,0 +1,158 @@
+"""Memory target: streaming decomposition's peak RSS stays near one block plus calibration buffers, whatever
+the model's depth; the whole-model path grows with the model.
+
+Protocol (one run, one machine):
+
+* models: SmolLM2-135M's safetensors (30 blocks, float32) and deeper copies of it (its blocks repeated,
+  ``rankwise.decomposition.streaming.repeat_blocks``): 30, 60 and 120 blocks by default;
+* plan (both modes): SVD-LLM at rank 8 on q_proj of the first and the last block, calibration 8 windows x
+  128 tokens of WikiText-2 validation, so the calibration set flows through every block;
+* each mode runs in a fresh child process (OMP_NUM_THREADS=1). The child imports torch, transformers and
+  rankwise, resets the kernel's peak-RSS counter (``/proc/self/clear_refs``), reads its RSS (the baseline),
+  does the work (whole: ``rankwise.load`` + ``decompose`` + ``save``; streaming: ``stream_decompose``) and
+  reads its peak RSS (VmHWM). "work peak" = peak - baseline: the memory the decomposition itself needed;
+* reference sizes: model bytes (its safetensors files), one block's bytes, the largest unit streaming holds
+  at once besides calibration (max of one block and the non-block tensors: embeddings, final norm), and the
+  calibration buffers (two N x L x d hidden-state stores in the model dtype);
+* ratios: whole / streaming work peak (same run), streaming work peak / (largest unit + calibration buffers).
+
+Target: streaming work peak < 3x (largest unit + calibration buffers) at every depth, and flat in depth.
+
+    .venv/bin/python bench/streaming.py                 # ~10 min on 2 shared cores
+    .venv/bin/python bench/streaming.py --depths 30,60  # shorter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+CHILD = textwrap.dedent("""
+    import json, sys, time
+    import torch, transformers, rankwise
+    from transformers import LlamaForCausalLM  # noqa: F401  (both modes import the modeling code first)
+    from rankwise.calibration.data import CalibrationConfig
+    from rankwise.decomposition.streaming import stream_decompose
+    from rankwise.checkpoint import save
+    from rankwise.models import load
+    from rankwise.surgery import decompose
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
+    base = status("VmRSS")
+    mode, src, out, plan = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    calibration = CalibrationConfig(n_samples=int(sys.argv[5]), seq_len=int(sys.argv[6]))
+    t = time.perf_counter()
+    if mode == "whole":
+        loaded = load(src)
+        decompose(loaded.model, plan, calibration, tokenizer=loaded.tokenizer, progress=False, use_cache=False)
+        save(loaded.model, out, tokenizer=loaded.tokenizer)
+    else:
+        stream_decompose(src, out, plan, calibration, progress=False)
+    print(json.dumps({"baseline": base, "peak": status("VmHWM"), "seconds": time.perf_counter() - t}))
+""")
+
+
+def run_child(mode: str, src: Path, out: Path, plan: dict, n: int, seq_len: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", CHILD, mode, str(src), str(out), json.dumps(plan), str(n),
+                           str(seq_len)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{mode} child failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--depths", default="30,60,120", help="block counts to measure (30 = the real model)")
+    parser.add_argument("--calib-samples", type=int, default=8)
+    parser.add_argument("--calib-seq-len", type=int, default=128)
+    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "streaming.json")
+    args = parser.parse_args()
+
+    import torch
+
+    from rankwise.decomposition.streaming import (
+        SafetensorsSource,
+        build_skeleton,
+        repeat_blocks,
+        source_folder,
+    )
+    from rankwise.models.adapters import adapter_for
+
+    original = source_folder("smollm2-135m")
+    skeleton = build_skeleton(original, torch.float32)
+    adapter = adapter_for(skeleton)
+    block = sum(p.numel() * p.element_size() for p in adapter.block(0).parameters())
+    src = SafetensorsSource.open(original)
+    stem = sum(torch.empty(0, dtype=torch.float32).element_size() * _numel(src.entries[k]["shape"])
+               for k in src.files if adapter.layer_of(k) is None)
+    hidden = skeleton.config.hidden_size
+    buffers = 2 * args.calib_samples * args.calib_seq_len * hidden * 4
+    unit = max(block, stem)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="rankwise-bench-streaming-") as tmp:
+        for depth in [int(d) for d in args.depths.split(",")]:
+            folder = original if depth == 30 else repeat_blocks(original, Path(tmp) / f"d{depth}", depth)
+            size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+            plan = {"layers": [0, depth - 1], "tensors": ["q"], "rank": 8, "method": "svd-llm"}
+            got = {}
+            for mode in ("whole", "streaming"):
+                got[mode] = run_child(mode, folder, Path(tmp) / f"out-{mode}-{depth}", plan, args.calib_samples,
+                                      args.calib_seq_len)
+                print(f"depth {depth} {mode}: {json.dumps(got[mode])}", file=sys.stderr, flush=True)
+            w = got["whole"]["peak"] - got["whole"]["baseline"]
+            s = got["streaming"]["peak"] - got["streaming"]["baseline"]
+            rows.append({"blocks": depth, "model_bytes": size, "whole_peak": got["whole"]["peak"],
+                         "whole_work": w, "stream_peak": got["streaming"]["peak"], "stream_work": s,
+                         "baseline": got["streaming"]["baseline"], "whole_s": got["whole"]["seconds"],
+                         "stream_s": got["streaming"]["seconds"], "whole_over_stream": w / s,
+                         "stream_over_budget": s / (unit + buffers)})
+            if folder != original:
+                import shutil
+
+                shutil.rmtree(folder)
+    print(f"one block {mib(block)} MiB; non-block tensors (embeddings, norm) {mib(stem)} MiB; largest unit "
+          f"{mib(unit)} MiB; calibration buffers 2 x {args.calib_samples} x {args.calib_seq_len} x {hidden} x 4 B "
+          f"= {mib(buffers)} MiB; budget unit + buffers = {mib(unit + buffers)} MiB")
+    print("peak RSS in MiB (work = peak - RSS after imports, same child); SVD-LLM rank 8 on q of the first and "
+          "last block")
+    head = (f"{'blocks':>6} {'model':>7} {'whole peak':>10} {'whole work':>10} {'stream peak':>11} {'stream work':>11} "
+            f"{'whole/stream':>12} {'stream/budget':>13} {'whole s':>7} {'stream s':>8}")
+    print(head)
+    for r in rows:
+        print(f"{r['blocks']:>6} {mib(r['model_bytes']):>7} {mib(r['whole_peak']):>10} {mib(r['whole_work']):>10} "
+              f"{mib(r['stream_peak']):>11} {mib(r['stream_work']):>11} {r['whole_over_stream']:>12.2f} "
+              f"{r['stream_over_budget']:>13.2f} {r['whole_s']:>7.0f} {r['stream_s']:>8.0f}")
+    ok = all(r["stream_over_budget"] < 3 for r in rows)
+    print(f"target streaming work peak < 3x (largest unit + calibration buffers): {'met' if ok else 'NOT met'}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    from rankwise.fileio import write_json_atomic
+
+    write_json_atomic(args.json, {"block_bytes": block, "stem_bytes": stem, "calibration_buffer_bytes": buffers,
+                                  "calibration": {"n_samples": args.calib_samples, "seq_len": args.calib_seq_len},
+                                  "rows": rows, "target_met": ok})
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+if __name__ == "__main__":
+    main()
