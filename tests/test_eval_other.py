@@ -359,3 +359,20 @@ def test_every_lm_eval_binding_is_declared_by_its_task_and_names_an_existing_lm_
     assert sum(len(groups[g]) for g in groups["mmlu"]) == 57
     records = table["arc_easy"].records(_opts())["test"]
     assert len(records) == 2376 and set(records[0]) == {"id", "question", "choices", "answerKey"}
+
+
+def test_write_local_tasks_writes_yaml_including_lm_evals_task_and_the_converted_data(tmp_path):
+    import yaml
+
+    from rankwise.evaluation import harness
+
+    local = harness.write_local_tasks(["copa", "mmlu_stem", "no_such_task"], _opts(), tmp_path)
+    assert local == ["copa", "mmlu_stem"]
+    copa = yaml.safe_load((tmp_path / "copa.yaml").read_text())
+    assert Path(copa["include"]).is_file() and copa["include"].endswith("super_glue/copa/default.yaml")
+    assert copa["validation_split"] == "validation" and copa["test_split"] is None
+    rows = (tmp_path / "copa.validation.jsonl").read_text().splitlines()
+    assert len(rows) == 100 and json.loads(rows[0])["premise"]
+    group = yaml.safe_load((tmp_path / "_mmlu_stem.yaml").read_text())
+    assert group["group"] == "mmlu_stem" and len(group["task"]) == 19
+    assert (tmp_path / "mmlu_anatomy.yaml").is_file() and (tmp_path / "mmlu_anatomy.dev.jsonl").is_file()

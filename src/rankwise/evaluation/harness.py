@@ -90,7 +90,7 @@ def write_local_tasks(names: Sequence[str], options: EvalOptions, folder: Path) 
             path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
             data_files[split] = str(path)
         config = {
-            "include": str(root / spec.base_yaml),
+            "include": str(root / spec.yaml),
             "task": name,
             "tag": "rankwise_local",
             "dataset_path": "json",
