@@ -74,7 +74,7 @@ def accuracy_vs_size(doc: dict[str, Any], sweep: str | None = None,
     fig = new_figure(7.5, 4.6)
     ax = fig.add_subplot()
     dense = doc.get("dense")
-    connect = sweep not in ("search", None) or len({d.number(t.get("x")) for t in trials}) > 1
+    connect = sweep is not None and sweep != "search"  # a sweep is a curve; a search or a mix is a cloud
     for (name, pts), color in zip(series, _colors(len(series)), strict=True):
         xs, ys, es, _ = zip(*pts, strict=True)
         ax.errorbar(xs, ys, yerr=es, fmt="o-" if connect else "o", color=color, capsize=3, markersize=4.5,
