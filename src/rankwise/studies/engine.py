@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -333,7 +334,9 @@ def work(storage_url: str, name: str | None, *, index: int = 0, progress: bool =
             counts = _counts(study)
             started = sum(v for k, v in counts.items() if k != "FAIL")
             if started < spec.search.n_trials:
-                trial = study.ask()
+                with warnings.catch_warnings():  # "heartbeat is meant for optimize()": this loop beats itself
+                    warnings.simplefilter("ignore", UserWarning)
+                    trial = study.ask()
         if trial is None:
             if _counts(study).get("RUNNING", 0):
                 time.sleep(min(2.0, interval))
