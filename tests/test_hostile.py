@@ -521,7 +521,7 @@ def _targets():
             for role in ROLES]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plans)
 def test_fuzzed_plans_give_a_plan_error_or_a_plan(data):
     from rankwise.design.plan import Plan
@@ -557,7 +557,7 @@ spec_values = st.recursive(scalars | st.sampled_from(["layer-count", "arc_easy",
                            | st.dictionaries(st.sampled_from(SPEC_KEYS), inner, max_size=4), max_leaves=14)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(SPEC_KEYS), spec_values, max_size=6))
 def test_fuzzed_study_specs_give_a_spec_error_or_a_spec(data):
     from rankwise.studies.spec import parse_spec
