@@ -172,6 +172,37 @@ def test_final_write_failing_rescues_the_results(tiny, tmp_path, capsys, monkeyp
     rescued.unlink()
 
 
+def test_eval_results_rescued_when_both_outputs_fail_at_the_end(tiny, tmp_path, capsys, monkeypatch):
+    """Both outputs break after the checks (the scores are stubbed: this is about where they go); each is
+    saved to the rescue folder, and one error line names both places."""
+    from rankwise.evaluation import runner
+    from rankwise.evaluation.results import TaskResult
+
+    result = TaskResult("arc_easy", {"acc": 0.25}, {"acc": 0.1}, 4, {"shots": 0}, samples=[{"i": 0}, {"i": 1}])
+    monkeypatch.setattr(runner, "evaluate", lambda *a, **k: [result])
+    real_atomic = runner.write_json_atomic, runner.write_text_atomic
+
+    def failing(real):
+        def write(path, data):
+            if "rankwise-rescued" not in str(path):
+                raise OSError(30, "Read-only file system")
+            return real(path, data)
+        return write
+
+    monkeypatch.setattr(runner, "write_json_atomic", failing(real_atomic[0]))
+    monkeypatch.setattr(runner, "write_text_atomic", failing(real_atomic[1]))
+    js, samples = tmp_path / "r.json", tmp_path / "s.jsonl"
+    code, _, err = run_cli(["eval", str(tiny), "--tasks", "arc_easy", "--json", str(js), "--log-samples",
+                            str(samples), "-q"], capsys)
+    one_error_line(code, err, f"cannot write the results to {js} (Read-only file system)",
+                   f"cannot write the per-item records to {samples}")
+    first, second = (Path(part.split(" saved to ")[1].split(";")[0].strip()) for part in err.split("they were")[1:])
+    assert json.loads(first.read_text())["results"]["arc_easy"]["metrics"] == {"acc": 0.25}
+    assert len(second.read_text().splitlines()) == 2
+    first.unlink()
+    second.unlink()
+
+
 def test_write_or_rescue_unit(tmp_path):
     from rankwise.fileio import write_json_atomic, write_or_rescue
 
