@@ -335,11 +335,15 @@ def test_cli_report_from_json(doc, tmp_path, capsys):
     path = tmp_path / "study.json"
     path.write_text(json.dumps(doc))
     out = tmp_path / "rep"
-    code, stdout, stderr = run_cli(["report", str(path), "-o", str(out)], capsys)
+    code, _, stderr = run_cli(["report", str(path), "--pareto", "size_reduction,nope", "-o", str(out)], capsys)
+    assert code == 2 and "unknown objective 'nope'" in stderr and not out.exists()  # checked before drawing
+    code, stdout, stderr = run_cli(["report", str(path), "--pareto", "params,arc_easy", "-o", str(out)], capsys)
     assert code in (0, None), stderr
     assert (out / "report.html").exists() and str(out / "report.html") in stdout
     summary = json.loads((out / "report.json").read_text())
     assert summary["best_under_budgets"][0]["trial"] is not None
+    figures = {f["name"]: f for f in summary["figures"]}
+    assert figures["pareto-arc-easy-vs-params"]["files"]["png"] == "figures/pareto-arc-easy-vs-params.png"
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -389,3 +393,4 @@ def test_cli_spectra_needs_the_model_name(doc, tmp_path, capsys):
     code, _, stderr = run_cli(["report", str(path), "--spectra", "-o", str(tmp_path / "r")], capsys)
     assert code == 2 and "environment.model" in stderr and len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+

@@ -20,19 +20,25 @@ def report(
     study: Annotated[str | None, typer.Option(help="Study name in the storage (needed when it holds several).")] = None,
     spectra: Annotated[bool, typer.Option(
         "--spectra", help="Also load the study's model and plot its singular-value spectra.")] = False,
+    pareto: Annotated[list[str] | None, typer.Option(
+        "--pareto", help="Extra Pareto front of two objectives X,Y (repeatable), e.g. latency_change,arc_easy; "
+                         "objectives: size_reduction, params_ratio, params, bytes, mean_accuracy, latency_change, "
+                         "energy_change, decode_ms, or a benchmark name.")] = None,
 ) -> None:
     """Write report.html (self-contained), report.md, trials.csv, report.json and figures/ (PNG and SVG)."""
     from rankwise.reports import build_report, load_source
+    from rankwise.reports.build import parse_pareto
 
     console = Console(stderr=True)
     doc = load_source(source, study)
+    parse_pareto(pareto, doc)  # a typo fails before any model loads or figure is drawn
     spectra_doc = None
     if spectra:
         spectra_doc = _spectra_for(doc, console)
     name = str(doc.get("study") or Path(source).stem or "study")
     folder = out if out is not None else Path(f"report-{name}")
     with console.status("drawing figures"):
-        summary = build_report(doc, folder, source=source, spectra_doc=spectra_doc)
+        summary = build_report(doc, folder, source=source, spectra_doc=spectra_doc, pareto=pareto)
     counts = ", ".join(f"{n} {s}" for s, n in summary["state_counts"].items()) or "no trials"
     drawn = sum(1 for f in summary["figures"] if f["files"])
     skipped = [f for f in summary["figures"] if not f["files"]]

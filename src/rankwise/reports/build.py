@@ -107,12 +107,32 @@ def markdown(doc: dict[str, Any], *, source: str, generated: str, best: list[dic
     return "\n".join(lines) + "\n"
 
 
+def parse_pareto(specs: list[str] | None, doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """``X,Y`` objective pairs (``size_reduction,arc_easy``), each checked now: a typo is a one-line error."""
+    from rankwise.reports.pareto import objective
+    from rankwise.reports.plots import metric_kinds
+
+    pairs = []
+    for spec in specs or []:
+        parts = [p.strip() for p in spec.split(",")]
+        if len(parts) != 2 or not all(parts):
+            raise RankwiseError(f"--pareto {spec!r}: expected two objectives as X,Y (e.g. size_reduction,arc_easy)")
+        for p in parts:
+            objective(p, metric_kinds(doc))
+        pairs.append((parts[0], parts[1]))
+    return pairs
+
+
 def build_report(doc: dict[str, Any], out: str | Path, *, source: str = "results",
-                 spectra_doc: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the report folder for a checked study document; returns the report.json content."""
+                 spectra_doc: dict[str, Any] | None = None, pareto: list[str] | None = None) -> dict[str, Any]:
+    """Write the report folder for a checked study document; returns the report.json content.
+
+    ``pareto``: extra Pareto fronts as ``X,Y`` objective names (see :data:`rankwise.reports.pareto.OBJECTIVES`;
+    a benchmark name is an objective too).
+    """
     doc = d.check_document(doc, source)
     generated = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    entries = study_figures(doc, spectra_doc)
+    entries = study_figures(doc, spectra_doc, parse_pareto(pareto, doc))
     best = best_under_budgets(doc)
     counts = state_counts(doc)
     cols = columns(doc)

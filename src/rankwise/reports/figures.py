@@ -65,8 +65,9 @@ def n_layers_hint(doc: dict[str, Any], spectra_doc: dict[str, Any] | None = None
     return max(seen) + 1 if seen else None  # at least every layer the study touched
 
 
-def study_figures(doc: dict[str, Any], spectra_doc: dict[str, Any] | None = None) -> list[FigureEntry]:
-    """Every figure of a study report, in report order."""
+def study_figures(doc: dict[str, Any], spectra_doc: dict[str, Any] | None = None,
+                  pareto: list[tuple[str, str]] | None = None) -> list[FigureEntry]:
+    """Every figure of a study report, in report order; ``pareto`` adds fronts of (x, y) objective pairs."""
     out: list[FigureEntry] = []
     layers = n_layers_hint(doc, spectra_doc)
     flat: set[str] = set()
@@ -98,6 +99,9 @@ def study_figures(doc: dict[str, Any], spectra_doc: dict[str, Any] | None = None
     if d.has_efficiency(doc):
         out.append(_entry("pareto-latency", f"Pareto front: {label} vs latency",
                           lambda: plots.pareto_plot(doc, "latency_change", key.removeprefix("metric:"))))
+    for x, y in pareto or []:
+        out.append(_entry(f"pareto-{slug(y)}-vs-{slug(x)}", f"Pareto front: {y} vs {x}",
+                          lambda x=x, y=y: plots.pareto_plot(doc, x, y)))
     out.append(_entry("sensitivity", "Layer × role sensitivity",
                       lambda: plots.sensitivity_heatmap(doc, n_layers=layers)))
     seen: set[Any] = set()
