@@ -383,7 +383,7 @@ def test_second_process_into_a_locked_out_is_refused(tiny, tmp_path):
 # --- 7. leftovers of killed runs; --out . -------------------------------------------------------------------
 def test_leftovers_of_dead_processes_are_cleaned(tiny, tmp_path, capsys):
     out = tmp_path / "out"
-    for name in (f".out.tmp-{DEAD_PID}-abc", ".out.tmp-legacy1", f".out.old-{DEAD_PID}-def"):
+    for name in (f".out.tmp-{DEAD_PID}-abc", ".out.tmp-legacy_1", f".out.old-{DEAD_PID}-def"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "model.safetensors").write_bytes(b"partial")
     live = tmp_path / f".out.tmp-{os.getpid()}-live"  # a live writer's (ours): kept

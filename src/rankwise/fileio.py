@@ -76,7 +76,7 @@ def remove_stale(folder: Path, prefix: str, suffix: str = "", legacy_stale: bool
         if match is not None:
             if pid_alive(int(match.group(1))):
                 continue
-        elif not legacy_stale:
+        elif not legacy_stale or re.fullmatch(r"[a-z0-9_]{8}", middle) is None:  # tempfile's 8 random chars
             continue
         try:
             if entry.is_dir() and not entry.is_symlink():
