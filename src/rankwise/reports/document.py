@@ -25,9 +25,6 @@ STATES = ("COMPLETE", "RUNNING", "WAITING", "PRUNED", "FAIL")
 #: Metric names where a lower value is better (perplexities, bits per byte, losses).
 _LOWER_IS_BETTER = ("perplexity", "ppl", "bits_per_byte", "bpb", "loss")
 
-#: Metric names that are accuracies (the ones ``mean_accuracy`` averages, per the schema).
-ACCURACY_METRICS = ("acc", "acc_norm", "exact_match")
-
 
 class ReportInputError(RankwiseError):
     """A results file that is missing, not JSON, or not a ``rankwise.study/1`` document."""
@@ -104,10 +101,6 @@ def number(value: Any) -> float | None:
 
 def lower_is_better(metric: str) -> bool:
     return any(key in metric.lower() for key in _LOWER_IS_BETTER)
-
-
-def is_accuracy(metric: str) -> bool:
-    return metric in ACCURACY_METRICS
 
 
 def benchmarks(doc: dict[str, Any], kind: str = "score") -> list[str]:

@@ -23,7 +23,7 @@ BUDGETS = (0.90, 0.75, 0.50)
 class Column:
     key: str
     header: str
-    kind: str = "text"  # text | int | pct | float | score
+    kind: str = "text"  # text | int | pct | delta (signed pct) | float | score
 
 
 def columns(doc: dict[str, Any]) -> list[Column]:
@@ -38,9 +38,9 @@ def columns(doc: dict[str, Any]) -> list[Column]:
         cols.append(Column(f"stderr:{name}", "± stderr", kind))
     cols.append(Column("mean_accuracy", "mean acc", "score"))
     if d.has_efficiency(doc):
-        cols += [Column("efficiency.latency_change", "latency Δ", "pct"),
-                 Column("efficiency.ideal_latency_change", "ideal latency Δ", "pct"),
-                 Column("efficiency.energy_change", "energy Δ", "pct")]
+        cols += [Column("efficiency.latency_change", "latency Δ", "delta"),
+                 Column("efficiency.ideal_latency_change", "ideal latency Δ", "delta"),
+                 Column("efficiency.energy_change", "energy Δ", "delta")]
     cols += [Column("seconds", "seconds", "float"), Column("error", "error")]
     return cols
 
@@ -65,7 +65,9 @@ def fmt(value: Any, kind: str) -> str:
     if kind == "int":
         return f"{value:,}"
     if kind == "pct":
-        return f"{100 * value:+.1f}%" if value < 0 else f"{100 * value:.1f}%"
+        return f"{100 * value:.1f}%"
+    if kind == "delta":
+        return f"{100 * value:+.1f}%"
     if kind == "score":
         return f"{100 * value:.1f}"
     if kind == "float":
