@@ -101,7 +101,8 @@ def removal_layers(accounting: Accounting, budget: Budget, influence: list[float
         if accounting.measure(kept, removed)[budget.unit] <= budget.value:
             return tuple(sorted(removed))
         removed.append(layer)
-    raise PlanError(f"removal: even removing {len(removed)} blocks does not meet {budget.describe()}")
+    raise PlanError(f"removal: only removing all {len(removed)} blocks would meet {budget.describe()}; "
+                    "a model needs at least one")
 
 
 def allocate_plan(model: nn.Module, tokenizer: Any, budget: Budget, *, method: str = "svd-llm",
@@ -121,8 +122,6 @@ def allocate_plan(model: nn.Module, tokenizer: Any, budget: Budget, *, method: s
     prof: SensitivityProfile | None = None
     label = f"{allocator}: {meth.name if allocator != REMOVAL else 'layer removal'} at {budget.describe()}"
     if allocator == REMOVAL:
-        if budget.unit == "bytes" and budget.value < accounting.fixed_bytes - sum(accounting.block_bytes):
-            raise PlanError(f"removal: {budget.describe()} is below the model without any block")
         ids = proxy_ids(tokenizer, settings, calibration.data_dir)
         runner = TailRunner(model, adapter_for(model), ids)
         influence = runner.block_influence()
