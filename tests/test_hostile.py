@@ -203,6 +203,31 @@ def test_eval_results_rescued_when_both_outputs_fail_at_the_end(tiny, tmp_path, 
     second.unlink()
 
 
+def test_checkpoint_rescued_when_out_fails_at_the_end(tiny, tmp_path, monkeypatch):
+    import shutil
+
+    import rankwise
+    from rankwise.checkpoint import CheckpointError
+    from rankwise.checkpoint import io as ckpt_io
+
+    real = ckpt_io._save_pretrained_quietly
+
+    def disk_full(model, folder):
+        if "rankwise-rescued" not in str(folder):
+            raise OSError(28, "No space left on device")
+        return real(model, folder)
+
+    monkeypatch.setattr(ckpt_io, "_save_pretrained_quietly", disk_full)
+    loaded = rankwise.load(tiny)
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="No space left on device; the checkpoint was saved to") as info:
+        rankwise.save(loaded.model, out)
+    rescued = Path(str(info.value).split("saved to ")[1].split(" instead")[0])
+    assert not out.exists() and rankwise.load(rescued).info.n_layers == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temp folder left next to OUT
+    shutil.rmtree(rescued.parent)
+
+
 def test_write_or_rescue_unit(tmp_path):
     from rankwise.fileio import write_json_atomic, write_or_rescue
 

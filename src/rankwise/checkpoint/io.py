@@ -100,21 +100,39 @@ def _existing_plan(model: nn.Module) -> dict[str, Any] | None:
 
 
 def save(model: nn.Module, out: str | os.PathLike[str], tokenizer: Any = None, report: Any = None,
-         overwrite: bool = False) -> Path:
+         overwrite: bool = False, rescue: bool = True) -> Path:
     """Write ``model`` (decomposed or not) as a self-describing Hugging Face folder at ``out``; returns it.
 
     ``report`` (a :class:`~rankwise.decomposition_report.DecompositionReport`; default: the one
     :func:`rankwise.decompose` attached to the model) provides the plan and ``decomposition_report.json``.
     An existing ``out`` is an error unless ``overwrite``, and even then unless rankwise wrote it; either way
     ``out`` is replaced in one atomic step, under a lock that refuses a concurrent save to the same ``out``
-    (see :mod:`rankwise.checkpoint.output`).
+    (see :mod:`rankwise.checkpoint.output`). If writing fails after those checks (a full disk), the
+    checkpoint is written to :func:`~rankwise.fileio.rescue_folder` instead (unless ``rescue=False``) and
+    the error says where.
     """
     out = Path(out).expanduser()
     if not hasattr(model, "save_pretrained") or getattr(model, "config", None) is None:
         raise CheckpointError(f"cannot save a {type(model).__name__}: not a transformers model")
     with output_lock(out):
         check_out_folder(out, overwrite)  # also cleans what killed runs left
-        return _save_locked(model, out, tokenizer, report)
+        try:
+            return _save_locked(model, out, tokenizer, report)
+        except CheckpointError as exc:
+            if not rescue:
+                raise
+            failure = exc
+    # OUT failed after the checks (disk full, folder removed): the decomposed model is not lost
+    import tempfile
+
+    from rankwise.fileio import rescue_folder
+
+    try:
+        rescued = Path(tempfile.mkdtemp(prefix=f"{out.name}-", dir=rescue_folder())) / out.name
+        _save_locked(model, rescued, tokenizer, report)
+    except (OSError, CheckpointError):
+        raise failure from None
+    raise CheckpointError(f"{failure}; the checkpoint was saved to {rescued} instead")
 
 
 def _save_locked(model: nn.Module, out: Path, tokenizer: Any, report: Any) -> Path:
