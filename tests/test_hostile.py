@@ -108,6 +108,30 @@ def test_quantization_config_disagreeing_with_tensors_is_self_contained(tiny_che
     assert "above" not in err
 
 
+def test_encoder_saved_with_a_head_loads_as_its_base_model_but_damage_is_caught(tmp_path):
+    """A BertForMaskedLM folder loads as BertModel (its head's tensors unused, BertModel's pooler never part
+    of the saved model): not damage. A missing encoder tensor or a stray one in the model's namespace is."""
+    import shutil
+
+    from transformers import BertConfig, BertForMaskedLM
+
+    import rankwise
+
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64)
+    BertForMaskedLM(config).save_pretrained(tmp_path / "mlm")
+    assert rankwise.load(tmp_path / "mlm").info.model_class == "BertModel"
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "mlm", damaged)
+    tensors = load_file(damaged / "model.safetensors")
+    tensors.pop("bert.encoder.layer.0.output.dense.weight")
+    tensors["bert.encoder.extra"] = torch.zeros(2)
+    save_file(tensors, damaged / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"missing .*encoder\.layer\.0\.output\.dense\.weight; 1 tensor\(s\) "
+                                             r"the model has no place for: bert\.encoder\.extra \("):
+        rankwise.load(damaged)
+
+
 def test_intact_checkpoint_and_folder_still_load(tiny, tiny_checkpoint):
     import rankwise
 

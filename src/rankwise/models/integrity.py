@@ -63,6 +63,34 @@ def check_loading_info(info: Mapping[str, Any], source: str | os.PathLike[str]) 
                              f".safetensors files come from different models)")
 
 
+def outside_declared_model(model: Any, info: Mapping[str, Any]) -> dict[str, Any]:
+    """``info`` without the differences that come from loading another class than the checkpoint declares.
+
+    An encoder saved as ``BertForMaskedLM`` is loaded as the base ``BertModel``: its head's tensors have no
+    place in the base model, and the base model's pooler (absent from ``BertForMaskedLM``) has no tensors in
+    the file. Neither is damage: the first are not needed, the second is a part the saved model never had
+    (rankwise never uses a pooler). Both are recognised by building the declared class on the meta device
+    (no memory, no time) and keeping only the differences that are real under it too."""
+    import torch
+    import transformers
+
+    config = getattr(model, "config", None)
+    declared = [a for a in (getattr(config, "architectures", None) or []) if a != type(model).__name__]
+    cls = getattr(transformers, declared[0], None) if declared else None
+    if cls is None or not (info.get("missing_keys") or info.get("unexpected_keys")):
+        return dict(info)
+    try:
+        with torch.device("meta"):
+            keys = set(cls(config).state_dict())
+    except Exception:  # a class that cannot be built from this config: judge by the loaded class alone
+        return dict(info)
+    prefix = getattr(model, "base_model_prefix", "")
+    out = dict(info)
+    out["missing_keys"] = {k for k in info.get("missing_keys") or () if k in keys or f"{prefix}.{k}" in keys}
+    out["unexpected_keys"] = {k for k in info.get("unexpected_keys") or () if k not in keys}
+    return out
+
+
 # --- cache entries: recorded at creation, verified at use ------------------------------------------------
 def file_digest(path: Path) -> str:
     with open(path, "rb") as f:

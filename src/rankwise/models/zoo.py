@@ -27,6 +27,7 @@ from rankwise.models.bundled import BUNDLED
 from rankwise.models.integrity import (
     check_loading_info,
     check_safetensors_structure,
+    outside_declared_model,
     record_files,
     verify_files,
 )
@@ -189,7 +190,7 @@ def _load_folder(folder: Path, name: str, source: str, dtype: torch.dtype, devic
                                                              output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as exc:  # transformers raises many types for corrupt or mismatched weights
         raise ModelLoadError(f"cannot load model from {folder}: {first_line(exc)}") from None
-    check_loading_info(loading, folder)  # missing, unexpected or mis-shaped tensors: an error, never random weights
+    check_loading_info(outside_declared_model(model, loading), folder)  # an error, never random weights
     tokenizer = _optional_tokenizer(lambda: AutoTokenizer.from_pretrained(folder), str(folder), folder)
     return _finish(model, tokenizer, name=name, source=source, kind=kind, device=device)
 
@@ -214,7 +215,7 @@ def _load_hub(model_id: str, dtype: torch.dtype, device: str) -> LoadedModel:
                                                              ignore_mismatched_sizes=True)
     except Exception as exc:
         raise ModelLoadError(f"cannot load model '{model_id}' from the Hub: {first_line(exc)}") from None
-    check_loading_info(loading, model_id)
+    check_loading_info(outside_declared_model(model, loading), model_id)
     tokenizer = _optional_tokenizer(lambda: AutoTokenizer.from_pretrained(model_id, local_files_only=offline),
                                     f"'{model_id}'", None)
     return _finish(model, tokenizer, name=model_id, source=f"hf:{model_id}", kind=kind, device=device)
