@@ -228,6 +228,23 @@ def test_remove_layers_plan_drops_blocks_and_counts_parameters(tmp_path):
         assert torch.equal(back(input_ids=ids).logits, plain(input_ids=ids).logits)
 
 
+def test_decomposed_and_removed_model_saves_and_loads_bit_identically(tmp_path):
+    import rankwise
+    from rankwise.surgery import decompose
+
+    model = tiny_llama(layers=4)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
+    decompose(model, {"method": "svd", "rank": 4, "layers": [0, 3], "remove_layers": [2], "compensate": True},
+              calibration=ids, progress=False)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    rankwise.save(model, tmp_path / "ckpt")
+    back, _, _ = rankwise.load(str(tmp_path / "ckpt"))
+    assert back.config.num_hidden_layers == 3
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, ref)
+
+
 def _output_error(model, ref_model, ids):
     with torch.no_grad():
         a = model(input_ids=ids).logits
