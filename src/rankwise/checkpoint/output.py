@@ -121,8 +121,8 @@ def check_out_folder(out: str | os.PathLike[str], overwrite: bool, option: str =
         raise CheckpointError(f"{out} already exists (pass --overwrite to replace it)")
     if not written_by_rankwise(out):
         raise CheckpointError(f"{out} is not a folder rankwise wrote (no rankwise config.json or {REPORT_FILE}): "
-                          f"--overwrite only replaces rankwise checkpoints; move it away or choose another "
-                          f"{option}")
+                              f"--overwrite only replaces rankwise checkpoints; move it away or choose another "
+                              f"{option}")
     return out
 
 
