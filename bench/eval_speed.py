@@ -39,9 +39,9 @@ from rich.table import Table
 
 from rankwise.errors import RankwiseError
 from rankwise.evaluation import engine, harness
-from rankwise.evaluation.multiple_choice import requests_for
 from rankwise.evaluation.registry import EvalOptions, get_task
 from rankwise.evaluation.runner import evaluate
+from rankwise.evaluation.tasks.multiple_choice import requests_for
 from rankwise.fileio import write_json_atomic
 from rankwise.models import DEFAULT_MODEL, load
 

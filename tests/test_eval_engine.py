@@ -11,8 +11,8 @@ import torch
 from helpers import run_cli
 from helpers import tiny_llama as _tiny
 from rankwise.evaluation import engine
-from rankwise.evaluation.multiple_choice import MCDoc, ScoredDoc, acc_metrics, argmax, mc2_metric
 from rankwise.evaluation.sampling import select
+from rankwise.evaluation.tasks.multiple_choice import MCDoc, ScoredDoc, acc_metrics, argmax, mc2_metric
 
 # ----------------------------------------------------------------------------------------------- helpers
 

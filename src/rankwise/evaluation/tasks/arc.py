@@ -7,9 +7,9 @@ choice labels (A-E or 1-5); test split, 0-shot; ``acc`` and ``acc_norm``.
 from __future__ import annotations
 
 from rankwise.errors import DataError
-from rankwise.evaluation.datafiles import read_jsonl
-from rankwise.evaluation.multiple_choice import MCDoc, MultipleChoiceTask
 from rankwise.evaluation.registry import EvalOptions, LmEvalBinding, Records, register_task
+from rankwise.evaluation.tasks.datafiles import read_jsonl
+from rankwise.evaluation.tasks.multiple_choice import MCDoc, MultipleChoiceTask
 
 
 def arc_doc(row: dict, doc_id: int, where: str) -> MCDoc:

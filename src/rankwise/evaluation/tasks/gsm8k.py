@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from rankwise.errors import DataError, RankwiseError
-from rankwise.evaluation.datafiles import read_jsonl, require
 from rankwise.evaluation.generation import greedy_generate
 from rankwise.evaluation.progress import task_progress
 from rankwise.evaluation.registry import EvalOptions, Task, register_task
 from rankwise.evaluation.results import TaskResult, mean_stderr
 from rankwise.evaluation.sampling import select
+from rankwise.evaluation.tasks.datafiles import read_jsonl, require
 
 DEFAULT_SHOTS = 8
 MAX_GEN_TOKS = 256

@@ -14,9 +14,9 @@ from __future__ import annotations
 import re
 
 from rankwise.errors import DataError
-from rankwise.evaluation.datafiles import read_lines
-from rankwise.evaluation.multiple_choice import MCDoc, MultipleChoiceTask
 from rankwise.evaluation.registry import EvalOptions, LmEvalBinding, register_task
+from rankwise.evaluation.tasks.datafiles import read_lines
+from rankwise.evaluation.tasks.multiple_choice import MCDoc, MultipleChoiceTask
 
 RELATIVE_PATH = "hellaswag/hellaswag_val_full.txt.bz2"
 _LINES_PER_ITEM = 6

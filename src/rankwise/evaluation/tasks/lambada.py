@@ -14,16 +14,16 @@ import time
 from typing import Any
 
 from rankwise.errors import DataError
-from rankwise.evaluation.datafiles import read_jsonl
-from rankwise.evaluation.multiple_choice import (
+from rankwise.evaluation.registry import EvalOptions, LmEvalBinding, Task, register_task
+from rankwise.evaluation.results import TaskResult, mean_stderr
+from rankwise.evaluation.sampling import select
+from rankwise.evaluation.tasks.datafiles import read_jsonl
+from rankwise.evaluation.tasks.multiple_choice import (
     ENGINE_NOTE,
     METRIC_DEFINITIONS,
     score_requests,
     strategy_protocol,
 )
-from rankwise.evaluation.registry import EvalOptions, LmEvalBinding, Task, register_task
-from rankwise.evaluation.results import TaskResult, mean_stderr
-from rankwise.evaluation.sampling import select
 
 RELATIVE_PATH = "lambada/lambada_test.jsonl"
 

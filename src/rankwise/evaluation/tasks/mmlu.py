@@ -16,8 +16,11 @@ import time
 from typing import Any, ClassVar
 
 from rankwise.errors import DataError
-from rankwise.evaluation.datafiles import read_csv, require
-from rankwise.evaluation.multiple_choice import (
+from rankwise.evaluation.registry import EvalOptions, LmEvalBinding, Records, register_task
+from rankwise.evaluation.results import TaskResult, pooled_stderr
+from rankwise.evaluation.sampling import select
+from rankwise.evaluation.tasks.datafiles import read_csv, require
+from rankwise.evaluation.tasks.multiple_choice import (
     MCDoc,
     MultipleChoiceTask,
     acc_metrics,
@@ -27,9 +30,6 @@ from rankwise.evaluation.multiple_choice import (
     strategy_protocol,
     summarize,
 )
-from rankwise.evaluation.registry import EvalOptions, LmEvalBinding, Records, register_task
-from rankwise.evaluation.results import TaskResult, pooled_stderr
-from rankwise.evaluation.sampling import select
 
 #: Subject -> lm-eval category (from lm-eval's mmlu/default task files).
 SUBJECTS: dict[str, str] = {

@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 
 from rankwise.errors import DataError
-from rankwise.evaluation.datafiles import read_csv, require
-from rankwise.evaluation.multiple_choice import MCDoc, MultipleChoiceTask
 from rankwise.evaluation.registry import EvalOptions, LmEvalBinding, register_task
+from rankwise.evaluation.tasks.datafiles import read_csv, require
+from rankwise.evaluation.tasks.multiple_choice import MCDoc, MultipleChoiceTask
 
 _LABEL = re.compile(r"\(([A-Z])\)\s")
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from rankwise.errors import DataError
-from rankwise.evaluation.datafiles import read_jsonl, read_lines, require
-from rankwise.evaluation.multiple_choice import MCDoc, MultipleChoiceTask
 from rankwise.evaluation.registry import EvalOptions, LmEvalBinding, register_task
+from rankwise.evaluation.tasks.datafiles import read_jsonl, read_lines, require
+from rankwise.evaluation.tasks.multiple_choice import MCDoc, MultipleChoiceTask
 
 
 def load_records(questions, labels) -> list[dict]:

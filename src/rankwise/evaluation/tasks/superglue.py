@@ -12,10 +12,10 @@ import re
 from typing import Any
 
 from rankwise.errors import DataError
-from rankwise.evaluation.datafiles import read_jsonl, require
-from rankwise.evaluation.multiple_choice import MCDoc, MultipleChoiceTask
 from rankwise.evaluation.registry import EvalOptions, LmEvalBinding, Records, register_task
 from rankwise.evaluation.tasks.boolq import parse_bool
+from rankwise.evaluation.tasks.datafiles import read_jsonl, require
+from rankwise.evaluation.tasks.multiple_choice import MCDoc, MultipleChoiceTask
 
 
 def _rows(task: MultipleChoiceTask, options: EvalOptions, folder: str) -> tuple[Any, list[dict]]:

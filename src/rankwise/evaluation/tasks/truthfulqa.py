@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 from rankwise.errors import DataError
-from rankwise.evaluation.datafiles import read_json
-from rankwise.evaluation.multiple_choice import MCDoc, MultipleChoiceTask, ScoredDoc, mc2_metric
 from rankwise.evaluation.registry import EvalOptions, LmEvalBinding, register_task
+from rankwise.evaluation.tasks.datafiles import read_json
+from rankwise.evaluation.tasks.multiple_choice import MCDoc, MultipleChoiceTask, ScoredDoc, mc2_metric
 
 RELATIVE_PATH = "truthfulqa/mc_task.json"
 

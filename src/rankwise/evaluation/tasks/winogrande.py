@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from rankwise.errors import DataError, RankwiseError
-from rankwise.evaluation.datafiles import read_jsonl, require
-from rankwise.evaluation.multiple_choice import argmax, score_requests, strategy_protocol
 from rankwise.evaluation.registry import EvalOptions, Task, register_task
 from rankwise.evaluation.results import TaskResult, mean_stderr
 from rankwise.evaluation.sampling import select
+from rankwise.evaluation.tasks.datafiles import read_jsonl, require
+from rankwise.evaluation.tasks.multiple_choice import argmax, score_requests, strategy_protocol
 
 DATA_FILE = "winogrande/dev.jsonl"
 
