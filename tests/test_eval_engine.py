@@ -304,6 +304,7 @@ def test_cli_bad_strategy_is_a_one_line_error(capsys, argv, message):
     assert code == 2 and err.strip().count("\n") == 0 and message in err
 
 
+@pytest.mark.slow  # loads the real model
 def test_cli_forced_strategy_is_used_and_reported(capsys, tmp_path):
     out_json = tmp_path / "r.json"
     code, _, err = run_cli(["eval", "smollm2-135m", "--tasks", "copa", "--limit", "3", "--strategy", "full",
