@@ -247,7 +247,7 @@ def objective_value(record: dict[str, Any], metric: str) -> float:
 def relative_to_dense(record: dict[str, Any], dense: dict[str, Any] | None) -> None:
     """Latency and energy changes vs the dense record (fractions; negative = faster / less energy)."""
     eff, deff = record.get("efficiency"), (dense or {}).get("efficiency")
-    if not eff or not deff:
+    if not eff or not deff or eff.get("baseline"):  # the worker's own dense baseline is better: same process
         return
     eff["decode_ms_dense"] = deff.get("decode_ms")
     if eff.get("decode_ms") is not None and deff.get("decode_ms"):

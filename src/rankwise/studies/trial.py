@@ -228,7 +228,6 @@ class PointRunner:
         if eff is None:
             return None
         from rankwise.efficiency.ideal import decode_bytes
-        from rankwise.efficiency.timing import Workload, measure
 
         out: dict[str, Any] = {"decode_ms": None, "decode_ms_dense": None, "latency_change": None,
                                "ideal_latency_change": None, "energy_j": None, "energy_change": None,
@@ -238,21 +237,48 @@ class PointRunner:
                                            "(1 warm-up)"}
         if not eff.decode:
             return out
+        timing = self._decode_timing()
+        if "error" in timing:
+            out["protocol"] = f"not measurable: {timing['error']}"
+            return out
+        out["decode_ms"] = timing["decode_ms"]
+        out["decode_ms_iqr_pct"] = timing["iqr_pct"]
+        if timing["energy_j"] is not None:
+            out["energy_j"] = timing["energy_j"]
+            out["energy_unit"] = "J per decoded token"
+        if self.dense_decode_bytes:
+            out["ideal_latency_change"] = decode_bytes(self.model, eff.context).total / self.dense_decode_bytes - 1.0
+        return out
+
+    def _decode_timing(self) -> dict[str, Any]:
+        """Decode latency (median ms per token, IQR %) and energy per token of the model as it is now."""
+        from rankwise.efficiency.timing import Workload, measure
+
+        eff = self.spec.efficiency
+        assert eff is not None
         w = Workload("decode", 1, eff.context, eff.new_tokens)
         try:
             res = measure({"m": self.model}, [w], repeats=eff.repeats, warmup=1, device=self.spec.device,
                           counter=self.counter, memory=False)[0]
         except RankwiseError as exc:
-            out["protocol"] = f"not measurable: {exc}"
-            return out
-        out["decode_ms"] = res.metric.median
-        out["decode_ms_iqr_pct"] = res.metric.iqr_pct
-        if res.energy is not None and res.energy.per_token is not None:
-            out["energy_j"] = res.energy.per_token
-            out["energy_unit"] = "J per decoded token"
-        if self.dense_decode_bytes:
-            out["ideal_latency_change"] = decode_bytes(self.model, eff.context).total / self.dense_decode_bytes - 1.0
-        return out
+            return {"error": str(exc)}
+        energy = res.energy.per_token if res.energy is not None else None
+        return {"decode_ms": res.metric.median, "iqr_pct": res.metric.iqr_pct, "energy_j": energy}
+
+    def add_dense_baseline(self, efficiency: dict[str, Any] | None) -> None:
+        """Time the (restored) dense model now and put the trial's changes against it: the same worker, the
+        same protocol, minutes apart at most, instead of a dense run made at another time by another worker
+        (on a shared machine the load drifts by tens of percent over a study)."""
+        if not efficiency or efficiency.get("decode_ms") is None:
+            return
+        base = self._decode_timing()
+        if "error" in base:
+            return
+        efficiency["decode_ms_dense"] = base["decode_ms"]
+        efficiency["latency_change"] = efficiency["decode_ms"] / base["decode_ms"] - 1.0
+        if base["energy_j"] and efficiency.get("energy_j") is not None:
+            efficiency["energy_change"] = efficiency["energy_j"] / base["energy_j"] - 1.0
+        efficiency["baseline"] = "dense decode timed by this worker right after the trial's (same protocol)"
 
     def measure_all(self, first_layer: int | None = None, record_all: bool = False) -> dict[str, Any]:
         """Size, metrics and efficiency of the model as it is now. ``first_layer``: the lowest layer the
@@ -298,6 +324,7 @@ class PointRunner:
         finally:
             if undo is not None:
                 undo()
+        self.add_dense_baseline(measured.get("efficiency"))
         record = {"sweep": point.sweep, "label": point.label, "x": point.x, **point_plan(point),
                   "kind": point.kind, **measured, "decomposition": report, "timings": timings,
                   "factor_cache": {"hits": self.factors.hits, "misses": self.factors.misses}}
