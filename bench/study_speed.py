@@ -9,14 +9,15 @@ Each runs twice as a study (the dense model is measured once per study in both m
 
 * **reuse** (the default): the model is loaded once per worker and the dense modules are swapped back
   after every trial; factors of a (target, method, rank) are computed once and reused; calibration
-  statistics (data-aware methods) are collected once per worker;
+  statistics (data-aware methods) are collected once per worker; the hidden states at each layer's input
+  are recorded during the dense pass and replayed, so a trial changing only layers >= k skips blocks
+  0..k-1 (bit-identical results);
 * **no reuse** (``execution.reuse: false``): a fresh model load for every trial, every factor computed
   again, as running ``rankwise decompose`` + ``rankwise eval`` per point would.
 
 Printed: wall time per sweep and mode, the ratio, and every point's metrics side by side (they must be
 identical). Targets (issue 11): identical metrics; >= 2x faster with reuse on single-layer; no slower on
-layer-count. Not implemented: caching the hidden states at the first decomposed layer's input (see the
-README), which is what the 2x single-layer target assumed.
+layer-count.
 
     .venv/bin/python bench/study_speed.py --limit 20 --json study_speed.json
 """
