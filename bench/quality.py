@@ -84,7 +84,8 @@ def run_row(dense, tokenizer, name: str, budget: float, args, calibration: Calib
     method, allocator, compensate = ROWS[name]
     t0 = time.perf_counter()
     model = copy.deepcopy(dense)
-    settings = ProfileSettings(method=method, n_samples=args.profile_samples, seq_len=args.profile_seq_len)
+    settings = ProfileSettings(method=method, n_samples=args.profile_samples, seq_len=args.profile_seq_len,
+                               fractions=tuple(float(f) for f in args.profile_fractions.split(",")))
     result = allocate_plan(model, tokenizer, Budget(budget, "decoder-params"), method=method, allocator=allocator,
                            compensate=compensate, calibration=calibration, settings=settings,
                            progress=not args.quiet, name=args.model)
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-calib-samples", type=int, default=16, help="calibration windows for sequential mode")
     ap.add_argument("--profile-samples", type=int, default=2)
     ap.add_argument("--profile-seq-len", type=int, default=128)
+    ap.add_argument("--profile-fractions", default="0.4,0.7", help="kept fractions each target is profiled at")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality.json")
     ap.add_argument("--quiet", action="store_true")
@@ -189,7 +191,8 @@ def warmup(dense, tokenizer, args, calibration: CalibrationConfig) -> int:
     from rankwise.models.adapters import adapter_for
     from rankwise.surgery import gather_stats
 
-    settings = ProfileSettings(method="svd-llm", n_samples=args.profile_samples, seq_len=args.profile_seq_len)
+    settings = ProfileSettings(method="svd-llm", n_samples=args.profile_samples, seq_len=args.profile_seq_len,
+                               fractions=tuple(float(f) for f in args.profile_fractions.split(",")))
     allocate_plan(dense, tokenizer, Budget(0.8, "decoder-params"), method="svd-llm", allocator="knapsack",
                   calibration=calibration, settings=settings, progress=not args.quiet, name=args.model)
     targets = adapter_for(dense).targets()
