@@ -260,7 +260,10 @@ else:
 print("ok")
 """
 
-MEMORY_LIMIT = 900 * 2**20  # RLIMIT_DATA; the streaming run below peaks near 670 MiB of data memory (measured)
+#: RLIMIT_DATA. Unlimited, the streaming run below peaks near 600 MiB of data memory (VmData, measured), of
+#: which ~450 MiB is the interpreter with torch and transformers imported; under a binding limit glibc's heap
+#: needs headroom (a 900 MiB limit failed in one environment, 1100 MiB passed), so the limit leaves ~500 MiB.
+MEMORY_LIMIT = 1100 * 2**20
 
 
 @pytest.mark.slow
@@ -268,7 +271,7 @@ def test_streaming_a_model_four_times_the_memory_limit(tmp_path: Path) -> None:
     from rankwise.decomposition.streaming import repeat_blocks, stream_decompose
 
     big = tmp_path / "big"
-    repeat_blocks("smollm2-135m", big, 256)
+    repeat_blocks("smollm2-135m", big, 328)
     size = sum(f.stat().st_size for f in big.glob("*.safetensors"))
     assert size >= 4 * MEMORY_LIMIT, f"checkpoint {size / 2**20:.0f} MiB is not 4x the limit"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -280,27 +283,29 @@ def test_streaming_a_model_four_times_the_memory_limit(tmp_path: Path) -> None:
 
     whole = limited("whole", tmp_path / "unused")
     assert whole.returncode != 0 and "ok" not in whole.stdout  # the limit binds: the whole model cannot load
-    plan = {"layers": [0, 255], "tensors": ["q"], "rank": 8, "method": "svd-llm"}
+    plan = {"layers": [0, 327], "tensors": ["q"], "rank": 8, "method": "svd-llm"}
     run = limited("stream", tmp_path / "out", plan)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
 
     # outside the limit: the checkpoint loads; dense blocks are copied bit for bit; layer 0 matches the
     # streaming decomposition of the original 30-block model (its inputs are the same embeddings)
     import rankwise
+    from rankwise.decomposition.streaming import SafetensorsSource
 
     out = tmp_path / "out"
     loaded = rankwise.load(str(out)).model
-    assert loaded.config.num_hidden_layers == 256
-    assert type(loaded.model.layers[255].self_attn.q_proj).__name__ == "FactorizedLinear"
-    dense = loaded.model.layers[100].mlp.down_proj.weight
-    source = load_file(next(f for f in big.glob("*.safetensors")
-                            if "model.layers.100.mlp.down_proj.weight" in load_file(f)))
-    assert torch.equal(dense, source["model.layers.100.mlp.down_proj.weight"])
+    assert loaded.config.num_hidden_layers == 328
+    assert type(loaded.model.layers[327].self_attn.q_proj).__name__ == "FactorizedLinear"
+    key = "model.layers.100.mlp.down_proj.weight"
+    assert torch.equal(loaded.model.layers[100].mlp.down_proj.weight,
+                       SafetensorsSource.open(big).read([key], torch.float32)[key])
     del loaded
     from rankwise.calibration.data import CalibrationConfig
 
     stream_decompose("smollm2-135m", tmp_path / "small", {**plan, "layers": [0]},
                      CalibrationConfig(n_samples=4, seq_len=64), progress=False)
-    got, ref = _tensors(out), _tensors(tmp_path / "small")
-    for key in [k for k in ref if k.startswith("model.layers.0.self_attn.q_proj")]:
-        assert torch.equal(got[key], ref[key]), key
+    got, ref = SafetensorsSource.open(out), SafetensorsSource.open(tmp_path / "small")
+    keys = [k for k in ref.files if k.startswith("model.layers.0.self_attn.q_proj")]
+    assert len(keys) == 2
+    a, b = got.read(keys, torch.float32), ref.read(keys, torch.float32)
+    assert all(torch.equal(a[k], b[k]) for k in keys)

@@ -10,7 +10,7 @@ model. It builds the architecture on the meta device (no memory), then for each 
    linears' statistics (:mod:`rankwise.calibration.layerwise`; the hidden states live in RAM or a
    memory-mapped file, one block's inputs and outputs at a time);
 3. decomposes the block's planned targets with the very code the whole-model path runs
-   (:func:`rankwise.surgery._decompose_target`: same methods, ranks, break-even rule and report records);
+   (:func:`rankwise.decomposition.apply._decompose_target`: same methods, ranks, break-even rule and report records);
 4. writes the block's tensors (factors and the untouched ones) as one output shard, and frees the block.
 
 The output is the same checkpoint format as the whole-model ``decompose``: factor tensors under their
@@ -48,7 +48,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise import surgery
 from rankwise.calibration.data import CalibrationConfig, calibration_ids
 from rankwise.calibration.layerwise import (
     activation_stores,
@@ -66,8 +65,9 @@ from rankwise.checkpoint.output import (
     output_lock,
     replace_folder,
 )
+from rankwise.decomposition import apply as surgery
 from rankwise.decomposition.base import CalibrationStats, get_method
-from rankwise.decomposition_report import DecompositionReport, TargetReport
+from rankwise.decomposition.report import DecompositionReport, TargetReport
 from rankwise.design.plan import DecompSpec, Plan
 from rankwise.errors import ModelLoadError, PlanError, first_line
 from rankwise.models.adapters import ArchitectureAdapter, TargetInfo, adapter_for
@@ -433,19 +433,20 @@ def _run(model: nn.Module, adapter: ArchitectureAdapter, blocks: nn.Module, bloc
     last_calibrated = calibrated[-1] if calibrated else -1
     records: list[TargetReport] = []
 
-    # the stem (embeddings, final norm, head): copied as is, in the model dtype
-    stem = src.read([k for k in stem_keys if k in src.files], dtype)
-    shards[shard_name[0]] = _save_shard(tmp / shard_name[0], stem)
     calib_info: dict[str, Any] | None = None
     stores = None
     t_calib = 0.0
+    if last_calibrated >= 0:  # tokenized before the embeddings are read: the two peaks do not add up
+        config = calibration if isinstance(calibration, CalibrationConfig) else CalibrationConfig()
+        if isinstance(calibration, torch.Tensor):
+            ids = calibration.to(torch.int64)
+        else:
+            ids = calibration_ids(_tokenizer(src.folder), config, surgery._max_length(model))
+    # the stem (embeddings, final norm, head): copied as is, in the model dtype
+    stem = src.read([k for k in stem_keys if k in src.files], dtype)
+    shards[shard_name[0]] = _save_shard(tmp / shard_name[0], stem)
     with contextlib.ExitStack() as cleanup:
         if last_calibrated >= 0:
-            config = calibration if isinstance(calibration, CalibrationConfig) else CalibrationConfig()
-            if isinstance(calibration, torch.Tensor):
-                ids = calibration.to(torch.int64)
-            else:
-                ids = calibration_ids(_tokenizer(src.folder), config, surgery._max_length(model))
             bounds = calibration_bounds(int(ids.shape[0]), config.batch_size)
             hidden = int(getattr(model.config, "hidden_size", 0) or 0)
             types = set(getattr(model.config, "layer_types", None) or [])
