@@ -39,6 +39,7 @@ COMMAND_MODULES = (
     "rankwise.cli.allocate_cmd",
     "rankwise.cli.study_cmd",
     "rankwise.cli.report_cmd",
+    "rankwise.cli.paper_cmd",
 )
 
 

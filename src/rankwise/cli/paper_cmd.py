@@ -1,0 +1,98 @@
+"""``rankwise paper``: the paper's case studies on a bundled model, its report and three headline lines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from rankwise.cli.main import app
+from rankwise.errors import RankwiseError
+
+
+def _shape(model: str) -> tuple[int, tuple[str, ...]]:
+    """Layer count and tensor roles of a model (it is loaded once, then freed, to print the plan)."""
+    from rankwise.models import load
+    from rankwise.models.adapters import adapter_for
+
+    loaded = load(model)
+    adapter = adapter_for(loaded.model)
+    return adapter.n_layers, tuple(adapter.roles)
+
+
+@app.command()
+def paper(
+    model: Annotated[str, typer.Option("--model", help="Decoder model (bundled alias, folder or hub id).")] =
+    "smollm2-135m",
+    quick: Annotated[bool, typer.Option("--quick", help="Seeded subsets of a few dozen items, a few points per "
+                                                        "sweep: about 10 minutes on 2 idle CPU cores (default).")]
+    = False,
+    standard: Annotated[bool, typer.Option("--standard", help="A few hundred items per task, every second layer "
+                                                              "count: about two hours on 2 CPU cores.")] = False,
+    full: Annotated[bool, typer.Option("--full", help="Complete test sets (GSM8K too) at every point: days on "
+                                                      "2 CPU cores; for a GPU.")] = False,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder: storage, results JSON, report.")] =
+    Path("results/paper"),
+    storage: Annotated[str | None, typer.Option("--storage", help="Optuna storage URL (default: sqlite:///OUT/"
+                                                                  "paper.db); a rerun resumes.")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Worker processes per study.")] = 1,
+    encoder: Annotated[bool, typer.Option("--encoder/--no-encoder", help="Also run the encoder case "
+                                                                         "(minilm-l6, STS-B).")] = True,
+    plan_only: Annotated[bool, typer.Option("--plan", help="Print the plan and stop.")] = False,
+    items: Annotated[int | None, typer.Option("--items", hidden=True, min=1,
+                                              help="Items per task (testing: shrinks every subset).")] = None,
+    points: Annotated[int | None, typer.Option("--points", hidden=True, min=1,
+                                               help="Points per sweep at most (testing).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-trial lines.")] = False,
+) -> None:
+    """Run the paper's case studies (layer-count, layer-removal, rank-sweep, tensor-sensitivity, single-layer,
+    layer-density, and the encoder case) as resumable studies; write the HTML report and the results JSON."""
+    from rankwise.cli.study_cmd import _StudyBar, _trial_line
+    from rankwise.paper.plan import ENCODER_MODEL, build_plan, count_points, plan_lines
+    from rankwise.paper.run import run_plan
+    from rankwise.settings import data_dir
+
+    if sum((quick, standard, full)) > 1:
+        raise RankwiseError("choose one of --quick, --standard, --full")
+    if workers < 1:
+        raise RankwiseError(f"--workers must be 1 or more, got {workers}")
+    mode = "standard" if standard else "full" if full else "quick"
+    console = Console(stderr=True)
+
+    def say(message: str) -> None:
+        console.print(message, highlight=False, markup=False, soft_wrap=True)
+
+    def log(message: str) -> None:
+        if not quiet:
+            say(message)
+
+    n_layers, roles = _shape(model)
+    enc_layers = _shape(ENCODER_MODEL)[0] if encoder else None
+    plan = build_plan(mode, model, n_layers, roles, data=data_dir(), encoder_layers=enc_layers,
+                      items=items, points=points)
+    if not encoder:
+        plan.notes.append("encoder case left out (--no-encoder)")
+    for s in plan.studies:
+        plan.points[s["name"]] = count_points(s, enc_layers if s["model"] == ENCODER_MODEL else n_layers, roles)
+    for line in plan_lines(plan):
+        say(line)
+    if plan_only:
+        return
+
+    def bar(url: str, name: str) -> Any:
+        return _StudyBar(url, name, console, enabled=not quiet)
+
+    summary = run_plan(plan, out, storage, workers, log=log, line=None if quiet else _trial_line, bar=bar)
+    typer.echo("")
+    for name, w in summary["studies"].items():
+        typer.echo(f"{name}: report {w['report']}, results {w['results']}"
+                   + (f" ({w['not_complete']} trial(s) not complete)" if w["not_complete"] else ""))
+    typer.echo(f"headlines and plan: {out / 'headlines.json'}; storage {summary['storage']} (a rerun resumes)")
+    for line in (summary.get("headlines") or {}).get("lines", []):
+        typer.echo(line)
+    if summary.get("encoder_line"):
+        typer.echo(summary["encoder_line"])
+    if summary.get("encoder_skipped"):
+        typer.echo(f"encoder case skipped: {summary['encoder_skipped']}")
