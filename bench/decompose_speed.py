@@ -4,7 +4,7 @@ Protocol (one run, one machine, same matrices for both tools):
 
 * weights: the 210 decoder Linears of ``rankwise.models.load("smollm2-135m")`` (float32), from
   ``adapter_for(model).targets()``;
-* settings: rank 1 (the paper's), a 50% parameter fraction (``fraction_rank(0.5, m, n, "tucker")``, three-factor
+* settings: rank 1 (the paper's), a 50% parameter fraction (``fraction_rank(0.5, m, n, "three_factor")``, three-factor
   count r(m+n)+r²) and energy 0.9 (``energy_rank`` on rankwise's spectrum, computed once and timed separately
   since both tools need the rank before they start); ranks are [r, r] for both tools;
 * rankwise: ``get_method("tucker").decompose(W, r)``; TensorLy: ``tucker(W, rank=[r, r])`` with its defaults
@@ -145,7 +145,7 @@ def resolve_ranks(targets: list[dict[str, Any]]) -> tuple[dict[str, list[int]], 
     spectrum_s = time.perf_counter() - t0
     ranks = {
         "rank 1": [1] * len(targets),
-        "50% params": [fraction_rank(0.5, *t["shape"], "tucker") for t in targets],
+        "50% params": [fraction_rank(0.5, *t["shape"], "three_factor") for t in targets],
         "energy 0.9": [energy_rank(s, 0.9) for s in spectra],
     }
     return ranks, spectrum_s

@@ -55,7 +55,7 @@ def test_registry_lists_every_allocator():
 
 
 @pytest.mark.parametrize("name", ["uniform", "energy", "greedy", "knapsack"])
-@pytest.mark.parametrize("form", ["two_factor", "tucker"])
+@pytest.mark.parametrize("form", ["two_factor", "three_factor"])
 def test_every_allocator_meets_its_cap(name, form):
     targets = synthetic_targets(form)
     low = sum(t.params(1) for t in targets)

@@ -40,7 +40,7 @@ def test_tucker_keeps_the_papers_three_factor_form():
     for t in report.targets:
         m, n = t.shape
         assert t.form == "three_factor" and t.ranks == (2, 2)
-        assert t.params_after == factor_params(2, m, n, "tucker") == 2 * (m + n) + 4
+        assert t.params_after == factor_params(2, m, n, "three_factor") == 2 * (m + n) + 4
         expected_removed += m * n - t.params_after
         layer = adapter_for(model).linear(t.layer, t.role)
         assert isinstance(layer, FactorizedLinear) and layer.core is not None

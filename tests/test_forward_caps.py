@@ -90,7 +90,7 @@ def test_scoring_strategy_and_scores_equal_under_either_name(models):
     g = torch.Generator().manual_seed(1)
     ctx = [int(t) for t in torch.randint(0, 256, (40,), generator=g)]
     pairs = [(ctx, [int(t) for t in torch.randint(0, 256, (3,), generator=g)]) for _ in range(4)]
-    pairs += [(ctx[:35] + [7], [9, 10]), (ctx[:33], [1])]
+    pairs += [([*ctx[:35], 7], [9, 10]), (ctx[:33], [1])]
     scores = {}
     for name, model in models.items():
         assert engine.choose_strategy(model) == "packed"

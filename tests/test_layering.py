@@ -24,8 +24,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("design",),
     ("analysis",),
     ("calibration",),
-    ("decomposition",),
     ("checkpoint",),
+    ("decomposition",),
     ("evaluation",),
     ("efficiency",),
     ("allocation",),
@@ -35,6 +35,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("cli",),
 ]
 FACADES = {"__init__", "__main__"}
+#: Deprecated module paths kept for one release as re-exports of their new homes; nothing inside imports them.
+ALIASES = {"surgery", "decomposition_report"}
 
 
 def _level() -> dict[str, int]:
@@ -74,21 +76,22 @@ def import_edges() -> set[tuple[str, str, str]]:
 def test_every_unit_has_a_place_in_the_order():
     units = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
              if (p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists()))}
-    missing = sorted(units - set(_level()) - FACADES)
+    missing = sorted(units - set(_level()) - FACADES - ALIASES)
     assert not missing, f"units with no place in LAYERS (add them where they belong): {missing}"
 
 
 def test_imports_only_go_down():
     level = _level()
     upward = sorted(f"{src} -> {dst} ({where})" for src, dst, where in import_edges()
-                    if src not in FACADES and level.get(dst, -1) >= level.get(src, -1))
+                    if src not in FACADES | ALIASES
+                    and (dst in FACADES | ALIASES or level.get(dst, -1) >= level.get(src, -1)))
     assert not upward, "imports that go up or sideways:\n" + "\n".join(upward)
 
 
 def test_no_cycles_between_units():
     graph: dict[str, set[str]] = {}
     for src, dst, _ in import_edges():
-        if src not in FACADES:
+        if src not in FACADES | ALIASES:
             graph.setdefault(src, set()).add(dst)
     state: dict[str, int] = {}
 

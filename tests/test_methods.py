@@ -121,7 +121,7 @@ def _optimal(s: torch.Tensor, rank: int) -> float:
 def test_registry_lists_all_methods_and_rejects_unknown():
     assert {"tucker", "svd", "asvd", "svd-llm", "fwsvd"} <= set(available_methods())
     assert get_method("svd-llm").needs == frozenset({"gram"})
-    assert get_method("tucker").form == "tucker"
+    assert get_method("tucker").form == "three_factor"
     with pytest.raises(PlanError) as err:
         get_method("cp")
     assert "known:" in str(err.value) and "tucker" in str(err.value) and "\n" not in str(err.value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
-from rankwise.design import break_even_rank_tucker, paper_space_size, per_target_space_size
+from rankwise.design import break_even_rank_three_factor, paper_space_size, per_target_space_size
 from rankwise.design.ranks import factor_params
 
 
@@ -19,7 +19,7 @@ def test_llama2_7b_paper_count():
     print(f"Llama-2-7B per-target-rank space: 2^{math.log2(per_target):.1f}")
     expected = 1
     for m, n_ in shapes * 32:
-        expected *= 1 + break_even_rank_tucker(m, n_)
+        expected *= 1 + break_even_rank_three_factor(m, n_)
     assert per_target == expected
 
 
@@ -38,5 +38,5 @@ def test_paper_formula_by_enumeration():
 def test_break_even_tucker_brute_force():
     for m, n in [(576, 576), (192, 576), (1536, 576), (7, 3), (1, 1), (384, 1536)]:
         best = max((r for r in range(0, min(m, n) + 1) if factor_params(r, m, n) <= m * n), default=0)
-        assert break_even_rank_tucker(m, n) == best
-    assert per_target_space_size([(2, 2), (3, 3)]) == (1 + break_even_rank_tucker(2, 2)) * (1 + break_even_rank_tucker(3, 3))
+        assert break_even_rank_three_factor(m, n) == best
+    assert per_target_space_size([(2, 2), (3, 3)]) == (1 + break_even_rank_three_factor(2, 2)) * (1 + break_even_rank_three_factor(3, 3))

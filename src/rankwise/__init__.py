@@ -1,16 +1,23 @@
 """rankwise: low-rank decomposition of transformer language models, and its accuracy-efficiency trade-off.
 
-The package reads like the architecture:
+The package reads like the architecture (lowest layer first; imports only go down, see tests/test_layering.py):
 
-* :mod:`rankwise.models` - loading (bundled aliases, HF ids and folders, GGUF) and architecture adapters;
+* :mod:`rankwise.errors`, :mod:`rankwise.fileio`, :mod:`rankwise.settings`, :mod:`rankwise.caches`,
+  :mod:`rankwise.devices` - errors, atomic writes, settings, the cache folder, devices;
+* :mod:`rankwise.layers` - factorized layers and the helpers that find, swap and merge them;
+* :mod:`rankwise.models` - loading (bundled aliases, HF ids and folders, GGUF), architecture adapters,
+  what a model's forward takes;
 * :mod:`rankwise.design` - targets, rank conventions, plans and the design-space size;
 * :mod:`rankwise.analysis` - spectra of the target weights (``rankwise inspect``);
-* :mod:`rankwise.decomposition` - decomposition methods (Tucker, SVD, ASVD, SVD-LLM, FWSVD) and solvers;
 * :mod:`rankwise.calibration` - statistics the data-aware methods need;
-* :mod:`rankwise.surgery` - applying a plan to a model (:func:`decompose`, :func:`merge`);
-* :mod:`rankwise.layers` - factorized layers; :mod:`rankwise.checkpoint` - save and load;
-* :mod:`rankwise.evaluation` - benchmark tasks and the scoring engine;
-* :mod:`rankwise.efficiency` - size, FLOPs, latency, memory and energy;
+* :mod:`rankwise.checkpoint` - the checkpoint format, saving, transformers registration;
+* :mod:`rankwise.decomposition` - methods (Tucker, SVD, ASVD, SVD-LLM, FWSVD), solvers, applying a plan
+  (:func:`decompose_`, :func:`merge_`), error compensation, layer removal, streaming;
+* :mod:`rankwise.evaluation` - the scoring engine and benchmark tasks;
+* :mod:`rankwise.efficiency` - size, FLOPs, latency, memory, energy and execution forms;
+* :mod:`rankwise.allocation` - sensitivity profiles and rank allocation under a budget;
+* :mod:`rankwise.studies` - design-space sweeps and searches on Optuna;
+* :mod:`rankwise.reports` - figures and the HTML report; :mod:`rankwise.paper` - the paper's case studies;
 * :mod:`rankwise.cli` - the ``rankwise`` command.
 
 ``import rankwise`` also teaches transformers the rankwise checkpoint format, so a saved decomposed model
@@ -26,15 +33,17 @@ from rankwise.models import load as load_model
 
 __version__ = "0.1.0"
 
-__all__ = ["RankwiseError", "__version__", "choose_execution", "decompose", "load", "load_model", "merge", "save"]
+__all__ = ["RankwiseError", "__version__", "choose_execution", "decompose", "decompose_", "load", "load_model", "merge",
+           "merge_", "save"]
 
 
 def __getattr__(name: str) -> Any:
-    """``rankwise.decompose`` / ``merge`` / ``choose_execution`` import their machinery on first use."""
-    if name in ("decompose", "merge"):
-        from rankwise import surgery
+    """``rankwise.decompose_`` / ``merge_`` / ``choose_execution`` import their machinery on first use
+    (``decompose`` / ``merge`` are today's names, kept as aliases for one release)."""
+    if name in ("decompose", "merge", "decompose_", "merge_"):
+        from rankwise.decomposition import apply
 
-        return getattr(surgery, name)
+        return getattr(apply, name)
     if name == "choose_execution":
         from rankwise.efficiency.execution import choose_execution
 

@@ -93,7 +93,7 @@ class TargetSize:
     role: str
     m: int  # out_features
     n: int  # in_features
-    form: str = "two_factor"  # "tucker" (three factors, + r²) or "two_factor"
+    form: str = "two_factor"  # "three_factor" (+ r²) or "two_factor"
 
     @property
     def key(self) -> Target:
@@ -111,7 +111,7 @@ class TargetSize:
     def max_rank(self) -> int:
         """The largest rank whose factors are strictly smaller than the dense matrix (0 if none is)."""
         s = self.m + self.n
-        if self.form == "tucker":  # r² + r·s < m·n
+        if self.form == "three_factor":  # r² + r·s < m·n
             r = int((-s + math.sqrt(s * s + 4 * self.dense)) / 2)
         else:
             r = self.dense // s
@@ -182,7 +182,7 @@ class Accounting:
 
 def accounting_for(model: nn.Module, forms: Mapping[str, str] | str = "two_factor") -> Accounting:
     """Measure ``model`` (through its architecture adapter); ``forms`` is the factor form for every role
-    (a str) or per role, as the decomposition method will store it (Tucker unfolded: ``"tucker"``)."""
+    (a str) or per role, as the decomposition method will store it (Tucker unfolded: ``"three_factor"``)."""
     from rankwise.models.adapters import adapter_for
 
     adapter = adapter_for(model)

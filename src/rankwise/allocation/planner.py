@@ -113,7 +113,7 @@ def allocate_plan(model: nn.Module, tokenizer: Any, budget: Budget, *, method: s
     """Allocate ranks for ``model`` under ``budget`` and return the plan with its accounting."""
     t0 = time.perf_counter()
     meth = get_method(method)
-    form = "tucker" if meth.form == "tucker" else "two_factor"
+    form = meth.form
     accounting = accounting_for(model, form)
     settings = settings or ProfileSettings(method=meth.name)
     if settings.method != meth.name:

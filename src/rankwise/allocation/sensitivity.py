@@ -302,7 +302,7 @@ def profile(model: nn.Module, tokenizer: Any, settings: ProfileSettings | None =
     t0 = time.perf_counter()
     infos = adapter.targets()
     if method.needs and stats is None:
-        from rankwise.surgery import gather_stats
+        from rankwise.decomposition.apply import gather_stats
 
         request = {t.name: frozenset(method.needs) | {"gram"} for t in infos}  # as surgery asks: one cache entry
         stats, _, _ = gather_stats(model, request, calibration, tokenizer, use_cache, progress)

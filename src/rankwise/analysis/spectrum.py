@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.design.ranks import break_even_rank, break_even_rank_tucker, energy_rank
+from rankwise.design.ranks import break_even_rank, break_even_rank_three_factor, energy_rank
 from rankwise.design.space import design_space
 from rankwise.models.adapters import adapter_for
 from rankwise.models.zoo import ModelInfo
@@ -28,7 +28,7 @@ class TargetSpectrum:
     shape: tuple[int, int]
     params: int
     break_even_rank: float  # m·n/(m+n): two-factor form
-    break_even_rank_tucker: int  # largest r with r(m+n)+r² <= m·n: the paper's three-factor form
+    break_even_rank_three_factor: int  # largest r with r(m+n)+r² <= m·n: the paper's three-factor form
     energy_rank_90: int
     energy_rank_99: int
     stable_rank: float
@@ -87,7 +87,7 @@ def inspect_model(model: nn.Module, info: ModelInfo | None = None,
                     shape=(m, n),
                     params=t.params,
                     break_even_rank=break_even_rank(m, n),
-                    break_even_rank_tucker=break_even_rank_tucker(m, n),
+                    break_even_rank_three_factor=break_even_rank_three_factor(m, n),
                     energy_rank_90=int(stats["energy_rank_90"]),
                     energy_rank_99=int(stats["energy_rank_99"]),
                     stable_rank=float(stats["stable_rank"]),

@@ -25,8 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rankwise.calibration.stats import StatsRequest, collect_stats
-from rankwise.decomposition.base import CalibrationStats
+from rankwise.calibration.stats import CalibrationStats, StatsRequest, collect_stats
 from rankwise.fileio import atomic_path
 from rankwise.settings import cache_dir
 

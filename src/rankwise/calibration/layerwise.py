@@ -27,8 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.calibration.stats import ACTIVATION_FIELDS, StatsRequest, _Collector, batch_bounds
-from rankwise.decomposition.base import CalibrationStats
+from rankwise.calibration.stats import (
+    ACTIVATION_FIELDS,
+    CalibrationStats,
+    StatsRequest,
+    _Collector,
+    batch_bounds,
+)
 from rankwise.errors import DataError
 
 Progress = Callable[[int, int], None]

@@ -1,7 +1,7 @@
 """Per-Linear calibration statistics, collected in one pass over the calibration windows.
 
 Forward hooks on the targeted ``nn.Linear`` modules see each input x (tokens × n) and accumulate what the
-data-aware methods read (:class:`~rankwise.decomposition.base.CalibrationStats`):
+data-aware methods read (:class:`CalibrationStats`, defined here):
 
 * ``gram`` = XᵀX (SVD-LLM's whitening), each batch's product in float32 and the running sum in float64,
   so thousands of tokens do not lose precision while the n×n product stays fast;
@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rankwise.decomposition.base import CalibrationStats
 from rankwise.errors import DataError
 from rankwise.models.forward import forward_caps, is_causal_lm
 
@@ -36,6 +35,17 @@ KNOWN_FIELDS = ACTIVATION_FIELDS | GRADIENT_FIELDS
 #: module name -> the CalibrationStats fields its method needs.
 StatsRequest = Mapping[str, frozenset[str]]
 Progress = Callable[[int, int], None]
+
+
+@dataclass
+class CalibrationStats:
+    """Per-Linear statistics over calibration inputs x (tokens × n), filled by :mod:`rankwise.calibration`."""
+
+    gram: torch.Tensor | None = None  # XᵀX summed over tokens, (n, n), float64 or float32
+    act_abs_mean: torch.Tensor | None = None  # mean |x| per input channel, (n,)
+    act_sq_mean: torch.Tensor | None = None  # mean x² per input channel, (n,)
+    fisher: torch.Tensor | None = None  # accumulated squared gradients of W, (m, n)
+    n_tokens: int = 0
 
 
 @dataclass(eq=False)

@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Any
 
 from rankwise.checkpoint.format import QUANT_METHOD, factorized_modules, is_checkpoint, is_factorized
-from rankwise.checkpoint.io import CheckpointError, checkpoint_dtype, load, save
+from rankwise.checkpoint.io import CheckpointError, load, save
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,6 @@ _install()
 __all__ = [
     "QUANT_METHOD",
     "CheckpointError",
-    "checkpoint_dtype",
     "factorized_modules",
     "is_checkpoint",
     "is_factorized",

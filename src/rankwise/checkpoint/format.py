@@ -24,11 +24,10 @@ from typing import Any
 from torch import nn
 
 from rankwise.layers.factorized import FactorizedLinear, FactorizedShape
-from rankwise.layers.modules import is_factorized
+from rankwise.layers.modules import QUANT_METHOD, is_factorized
 from rankwise.layers.transposed import STORED_TRANSPOSED
 from rankwise.models.layouts import is_transposed, projection_shape
 
-QUANT_METHOD = "rankwise"
 FORMAT_VERSION = 1
 MODELING_FILE = "modeling_rankwise.py"
 REPORT_FILE = "decomposition_report.json"

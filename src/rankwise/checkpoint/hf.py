@@ -28,6 +28,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from rankwise.checkpoint.format import FORMAT_VERSION, QUANT_METHOD, inject_factorized, realign_factors
+from rankwise.layers.modules import merge_
 
 
 class RankwiseQuantizationConfig(QuantizationConfigMixin):
@@ -68,9 +69,7 @@ class RankwiseHfQuantizer(HfQuantizer):
         return model
 
     def _dequantize(self, model: nn.Module, dtype: Any = None) -> nn.Module:
-        from rankwise.surgery import merge
-
-        return merge(model)
+        return merge_(model)
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
         return True

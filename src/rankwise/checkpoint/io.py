@@ -31,7 +31,6 @@ from rankwise.checkpoint.format import (
     QUANT_METHOD,
     REPORT_FILE,
     factorized_modules,
-    is_checkpoint,
     read_config,
 )
 from rankwise.checkpoint.output import (
@@ -43,6 +42,7 @@ from rankwise.checkpoint.output import (
 )
 from rankwise.errors import ModelLoadError, RankwiseError, first_line
 from rankwise.fileio import dir_mode, file_mode
+from rankwise.layers.modules import REPORT_ATTR
 
 #: Auto classes tried, in order, for the ``auto_map`` of the remote-code model class.
 _AUTO_CLASSES = (
@@ -103,7 +103,7 @@ def save(model: nn.Module, out: str | os.PathLike[str], tokenizer: Any = None, r
          overwrite: bool = False, rescue: bool = True) -> Path:
     """Write ``model`` (decomposed or not) as a self-describing Hugging Face folder at ``out``; returns it.
 
-    ``report`` (a :class:`~rankwise.decomposition_report.DecompositionReport`; default: the one
+    ``report`` (a :class:`~rankwise.decomposition.report.DecompositionReport`; default: the one
     :func:`rankwise.decompose` attached to the model) provides the plan and ``decomposition_report.json``.
     An existing ``out`` is an error unless ``overwrite``, and even then unless rankwise wrote it; either way
     ``out`` is replaced in one atomic step, under a lock that refuses a concurrent save to the same ``out``
@@ -136,8 +136,6 @@ def save(model: nn.Module, out: str | os.PathLike[str], tokenizer: Any = None, r
 
 
 def _save_locked(model: nn.Module, out: Path, tokenizer: Any, report: Any) -> Path:
-    from rankwise.surgery import REPORT_ATTR
-
     report = report if report is not None else getattr(model, REPORT_ATTR, None)
     plan = getattr(report, "plan", None) if report is not None else _existing_plan(model)
     arch = base_architecture(model)
@@ -198,24 +196,15 @@ def _normal_permissions(folder: Path) -> None:
             path.chmod(file_mode())
 
 
-def checkpoint_dtype(folder: str | os.PathLike[str]) -> str | None:
-    """The dtype a rankwise checkpoint was saved in (``float32``, ``bfloat16``, ``float16``), if recorded."""
-    config = read_config(folder) or {}
-    dtype = config.get("dtype") or config.get("torch_dtype")
-    return dtype if dtype in ("float32", "bfloat16", "float16") else None
-
-
 def load(spec: str | os.PathLike[str], dtype: str | None = None, device: str = "cpu"):
     """Load any model spec (bundled alias, folder, .gguf, hub id), including rankwise checkpoints.
 
-    A rankwise checkpoint keeps the dtype it was saved in unless ``dtype`` says otherwise; other models
-    load in float32 by default. Returns :class:`~rankwise.models.LoadedModel` (model, tokenizer, info).
+    :func:`rankwise.models.load` under the name savers look for next to :func:`save`: one loader, one dtype
+    rule (a rankwise checkpoint keeps the dtype it was saved in unless ``dtype`` says otherwise; other models
+    load in float32). Returns :class:`~rankwise.models.LoadedModel` (model, tokenizer, info).
     """
     from rankwise.models import load as load_model
 
-    path = Path(str(spec)).expanduser()
-    if dtype is None:
-        dtype = (checkpoint_dtype(path) if path.is_dir() and is_checkpoint(path) else None) or "float32"
     try:
         return load_model(spec, dtype=dtype, device=device)
     except RankwiseError:

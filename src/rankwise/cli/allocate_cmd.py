@@ -66,7 +66,8 @@ def allocate(
     calib_seed: Annotated[int, typer.Option(help="Seed for choosing the windows.")] = 0,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse cached statistics and profiles.")] = True,
     plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write the rank map PNG next to the plan.")] = True,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: a rankwise "
+                                                   "checkpoint's saved dtype, float32 otherwise).")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Data folder (default $RANKWISE_DATA).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
@@ -107,7 +108,7 @@ def allocate(
     report_path = out.with_name(out.stem + ".allocation.json")
     data = result.to_dict()
     data["model"] = model
-    data["dtype"] = dtype
+    data["dtype"] = loaded.info.dtype
     write_json_atomic(report_path, data)
     plot_note = None
     plot_path = out.with_suffix(".png")

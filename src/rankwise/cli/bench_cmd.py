@@ -97,7 +97,7 @@ def bench(
     on_interrupt(write_note({"--json": json_out}))
     the_plan = None
     if plan is not None:
-        from rankwise.surgery import as_plan
+        from rankwise.decomposition.apply import as_plan
 
         check_pairing(model, plan, baseline)
         the_plan = as_plan(plan)

@@ -91,7 +91,8 @@ def decompose(
                                                   "default: the plan's (auto).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Decompose even above the break-even rank.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT.")] = False,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: a rankwise "
+                                                   "checkpoint's saved dtype, float32 otherwise).")] = None,
     calib_data: Annotated[str, typer.Option(help="Calibration text: wikitext2 (validation split), "
                                                   "wikitext2-test, or a .txt/.jsonl file.")] = "wikitext2",
     calib_samples: Annotated[int, typer.Option(help="Calibration windows (data-aware methods only).")] = 128,
@@ -115,10 +116,10 @@ def decompose(
     from rankwise.checkpoint import save
     from rankwise.checkpoint.output import check_out_folder, output_lock
     from rankwise.cli.common import check_output_file, hold, on_interrupt
+    from rankwise.decomposition.apply import decompose_ as run_decompose
+    from rankwise.decomposition.apply import parse_fold
     from rankwise.models import load
     from rankwise.settings import check_data_dir
-    from rankwise.surgery import decompose as run_decompose
-    from rankwise.surgery import parse_fold
 
     # --- everything checkable without the model, before the (slow) load --------------------------------
     if out is None:
@@ -149,9 +150,9 @@ def decompose(
         report = run_decompose(loaded.model, the_plan, calibration, tokenizer=loaded.tokenizer, fold=fold_mode,
                                progress=not quiet, use_cache=calib_cache, name=model)
         save(loaded.model, out, tokenizer=loaded.tokenizer, report=report, overwrite=overwrite)
-    on_interrupt(f"the checkpoint was saved to {out}")
     data = report.to_dict()
     data["checkpoint"] = str(out)
+    on_interrupt(f"the checkpoint was saved to {out}")
     if json_out is not None:
         write_or_rescue(json_out, lambda path: write_json_atomic(path, data), "the report")
     print_summary(data)

@@ -44,7 +44,8 @@ def eval_command(
                                                                   "the other tasks (default: the model's).")] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Benchmark data folder "
                                                                      "(default: $RANKWISE_DATA).")] = None,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: a rankwise "
+                                                   "checkpoint's saved dtype, float32 otherwise).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda (cuda:N), mps or auto (cuda when available).")] = "cpu",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results (metrics, stderr, n, "
                                                                  "protocol) to this JSON file.")] = None,
@@ -121,7 +122,7 @@ def eval_command(
         "model": loaded.info.to_dict(),
         "harness": harness,
         "options": {"tasks": names, "limit": limit, "sample": sample, "seed": seed, "shots": shots,
-                    "batch_size": batch_size, "strategy": strategy, "seq_len": seq_len, "dtype": dtype, "device": device,
+                    "batch_size": batch_size, "strategy": strategy, "seq_len": seq_len, "dtype": loaded.info.dtype, "device": device,
                     "data_dir": str(data_dir) if data_dir else None},
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "seconds": elapsed,

@@ -20,7 +20,8 @@ from rankwise.models import DEFAULT_MODEL, load
 def inspect(
     model: Annotated[str, typer.Argument(help="Bundled alias, HF model id, local folder or .gguf file.")] = DEFAULT_MODEL,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: a rankwise "
+                                                   "checkpoint's saved dtype, float32 otherwise).")] = None,
     plot: Annotated[Path | None, typer.Option(
         "--plot", help="Also write singular-value spectra figures (PNG, SVG) and spectra.json into this folder.")
     ] = None,
@@ -75,7 +76,7 @@ def _print_human(report: dict) -> None:
     for t in report["targets"]:
         m, n = t["shape"]
         table.add_row(str(t["layer"]), t["role"], f"{m}×{n}", f"{t['params']:,}", f"{t['break_even_rank']:.1f}",
-                      str(t["break_even_rank_tucker"]), str(t["energy_rank_90"]), str(t["energy_rank_99"]),
+                      str(t["break_even_rank_three_factor"]), str(t["energy_rank_90"]), str(t["energy_rank_99"]),
                       f"{t['stable_rank']:.2f}")
     console.print(table)
     ds = report["design_space"]

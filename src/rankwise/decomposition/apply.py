@@ -1,6 +1,6 @@
 """Applying a plan: replace exactly the planned ``nn.Linear`` modules of a model by factorized layers.
 
-:func:`decompose` is the mechanism behind ``rankwise decompose`` and the Python API. It
+:func:`decompose_` (in place, hence the trailing underscore, as torchao's ``quantize_``) is the mechanism behind ``rankwise decompose`` and the Python API. It
 
 1. resolves the plan against the model's adapter (layers, roles, ranks and method names are checked
    before anything changes), and checks every planned weight for NaN/Inf up front, so bad input never
@@ -37,7 +37,6 @@ from torch import nn
 
 from rankwise.calibration.cache import cached_stats
 from rankwise.calibration.data import CalibrationConfig, calibration_ids
-from rankwise.checkpoint.format import is_factorized
 from rankwise.decomposition import available_methods, compensation, get_method
 from rankwise.decomposition.base import (
     CalibrationStats,
@@ -47,19 +46,17 @@ from rankwise.decomposition.base import (
     weighted_error,
 )
 from rankwise.decomposition.removal import remove_blocks
-from rankwise.decomposition_report import DecompositionReport, TargetReport
+from rankwise.decomposition.report import DecompositionReport, TargetReport
 from rankwise.design.plan import DecompSpec, Plan
-from rankwise.design.ranks import break_even_rank, break_even_rank_tucker, factor_params, resolve_rank
+from rankwise.design.ranks import break_even_rank, break_even_rank_three_factor, factor_params, resolve_rank
 from rankwise.errors import DataError, PlanError
 from rankwise.layers.factorized import FactorizedLinear
-from rankwise.layers.transposed import dense_like
+from rankwise.layers.modules import REPORT_ATTR, is_factorized, merge_
 from rankwise.models.adapters import ArchitectureAdapter, TargetInfo, adapter_for
 
 #: What ``calibration=`` may be: nothing (defaults), settings, token windows, or statistics per module name.
 Calibration = CalibrationConfig | torch.Tensor | Mapping[str, CalibrationStats] | None
 
-#: Attribute on a decomposed model holding the last run's report (read by :func:`rankwise.checkpoint.save`).
-REPORT_ATTR = "_rankwise_report"
 
 
 def parse_fold(value: object) -> str | bool:
@@ -154,7 +151,7 @@ def gather_stats(model: nn.Module, request: Mapping[str, frozenset[str]], calibr
 
 
 # --- the loop -----------------------------------------------------------------------------------------------
-def decompose(model: nn.Module, plan: Plan | Mapping[str, Any] | str | Path, calibration: Calibration = None, *,
+def decompose_(model: nn.Module, plan: Plan | Mapping[str, Any] | str | Path, calibration: Calibration = None, *,
               tokenizer: Any = None, fold: str | bool | None = None, progress: bool = True,
               use_cache: bool = True, name: str | None = None) -> DecompositionReport:
     """Decompose ``model`` in place as ``plan`` says; returns the per-target and whole-model report.
@@ -234,16 +231,16 @@ def _decompose_target(adapter: ArchitectureAdapter, info: TargetInfo, spec: Deco
         stats = dataclasses.replace(stats, fisher=stats.fisher.T)  # Conv1D gradients are (in, out) too
     m, n = info.out_features, info.in_features
     bias_params = m if info.bias else 0
-    fold_this = fold_mode is True or (fold_mode == "auto" and method.form != "tucker")
-    three = method.form == "tucker" and not fold_this
-    count_form = "tucker" if three else "two_factor"
+    fold_this = fold_mode is True or (fold_mode == "auto" and method.form != "three_factor")
+    three = method.form == "three_factor" and not fold_this
+    count_form = "three_factor" if three else "two_factor"
     spectrum = method.singular_values(weight, stats).tolist() if spec.rank.kind == "energy" else None
     r = resolve_rank(spec.rank, m, n, spectrum, form=count_form, field=f"rank (layer {info.layer} {info.role})")
     base = TargetReport(layer=info.layer, role=info.role, name=info.name, method=spec.method, shape=(m, n),
                         rank_spec=str(spec.rank), ranks=(r, r), form="dense", params_before=m * n + bias_params,
                         params_after=m * n + bias_params, rel_error=None, weighted_error=None)
     if factor_params(r, m, n, count_form) > m * n and not spec.force:
-        r_star = break_even_rank_tucker(m, n) if three else math.floor(break_even_rank(m, n))
+        r_star = break_even_rank_three_factor(m, n) if three else math.floor(break_even_rank(m, n))
         base.kept_dense = True
         base.reason = (f"kept dense: rank {r} above break-even r* = {r_star} "
                        f"({'three' if three else 'two'}-factor, {m}x{n}); force: true overrides")
@@ -270,28 +267,8 @@ def _decompose_target(adapter: ArchitectureAdapter, info: TargetInfo, spec: Deco
 
 
 # --- undoing ------------------------------------------------------------------------------------------------
-def merge(model: nn.Module) -> nn.Module:
-    """Turn every factorized layer back into a plain ``nn.Linear`` (weight A·G·Bᵀ); returns the model.
-
-    The result has the dense model's structure (and size) with the decomposition's approximation baked in:
-    useful to export to tools that do not know factorized layers.
-    """
-    for name, module in list(model.named_modules()):
-        if name and is_factorized(module):
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, dense_like(module, module.merge()))  # a Conv1D where one stood
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and getattr(quantizer.quantization_config, "quant_method", None) == "rankwise":
-        quantizer.remove_quantization_config(model)
-    if hasattr(getattr(model, "config", None), "quantization_config"):
-        qc = model.config.quantization_config
-        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-        if method == "rankwise":
-            del model.config.quantization_config
-    if hasattr(model, REPORT_ATTR):
-        delattr(model, REPORT_ATTR)
-    return model
+#: :func:`rankwise.layers.merge_`, re-exported: undoing is the inverse of this module's work.
+merge = merge_
 
 
 # --- progress -----------------------------------------------------------------------------------------------
@@ -308,3 +285,7 @@ def _bar(enabled: bool, label: str, total: int | None = None) -> Iterator[Any]:
                   console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(label, total=total)
         yield lambda done, tot: bar.update(task, completed=done, total=tot)
+
+
+#: Today's names, kept as thin aliases for one release: use :func:`decompose_` and :func:`merge_`.
+decompose = decompose_

@@ -28,11 +28,12 @@ from typing import Any, ClassVar, Literal, Self
 
 import torch
 
+from rankwise.calibration.stats import CalibrationStats
 from rankwise.decomposition.solvers import KRYLOV_OVERSAMPLE, SOLVERS
 from rankwise.design.plan import MethodSpec
 from rankwise.errors import DecompositionError, PlanError
 
-Form = Literal["tucker", "two_factor"]
+Form = Literal["three_factor", "two_factor"]
 Rank = int | tuple[int, int]
 
 
@@ -67,17 +68,6 @@ class Factors:
 
     def to(self, dtype: torch.dtype) -> Factors:
         return Factors(self.A.to(dtype), None if self.G is None else self.G.to(dtype), self.B.to(dtype))
-
-
-@dataclass
-class CalibrationStats:
-    """Per-Linear statistics over calibration inputs x (tokens × n), filled by :mod:`rankwise.calibration`."""
-
-    gram: torch.Tensor | None = None  # XᵀX summed over tokens, (n, n), float64 or float32
-    act_abs_mean: torch.Tensor | None = None  # mean |x| per input channel, (n,)
-    act_sq_mean: torch.Tensor | None = None  # mean x² per input channel, (n,)
-    fisher: torch.Tensor | None = None  # accumulated squared gradients of W, (m, n)
-    n_tokens: int = 0
 
 
 @dataclass
@@ -195,7 +185,7 @@ class DecompositionMethod(ABC):
 
     name: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset()  # CalibrationStats fields it reads, e.g. {"gram"}
-    form: ClassVar[Form] = "two_factor"  # "tucker": params r1·m + r1·r2 + r2·n; "two_factor": r·(m + n)
+    form: ClassVar[Form] = "two_factor"  # "three_factor": params r1·m + r1·r2 + r2·n; "two_factor": r·(m + n)
     summary: ClassVar[str] = ""  # one line for listings
     config_class: ClassVar[type[MethodConfig]] = MethodConfig  # the settings it takes
 

@@ -339,7 +339,7 @@ def _stream_locked(source: str | os.PathLike[str], out: Path, plan: Plan | Mappi
         raise PlanError(f"{folder} is already a rankwise checkpoint: stream-decompose its dense original instead")
     plan = surgery.as_plan(plan)
     fold_mode = surgery.parse_fold(plan.fold if fold is None else fold)
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype or "float32")  # the source is never a rankwise checkpoint: float32 unless asked
     src = SafetensorsSource.open(folder)
     model = build_skeleton(folder, torch_dtype)
     adapter, chosen = surgery.resolve_targets(model, plan)

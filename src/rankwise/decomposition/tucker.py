@@ -41,7 +41,7 @@ class Tucker(DecompositionMethod):
     """Tucker-2 with ranks [r1, r2] (an int r means [r, r]); A (m×r1) and B (n×r2) orthonormal, G (r1×r2)."""
 
     name = "tucker"
-    form = "tucker"
+    form = "three_factor"
     summary = "Tucker-2 / HOOI fixed point (the paper's method; three factors, data-free)"
     config_class = SolverConfig
     config: SolverConfig

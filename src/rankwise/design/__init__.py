@@ -4,7 +4,7 @@ from rankwise.design.plan import DecompSpec, Plan, Rule, Target
 from rankwise.design.ranks import (
     RankSpec,
     break_even_rank,
-    break_even_rank_tucker,
+    break_even_rank_three_factor,
     energy_rank,
     factor_params,
     parse_rank,
@@ -20,7 +20,7 @@ __all__ = [
     "Rule",
     "Target",
     "break_even_rank",
-    "break_even_rank_tucker",
+    "break_even_rank_three_factor",
     "design_space",
     "energy_rank",
     "factor_params",

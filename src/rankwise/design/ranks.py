@@ -19,7 +19,7 @@ from typing import Literal
 
 from rankwise.errors import PlanError
 
-Form = Literal["tucker", "two_factor"]
+Form = Literal["three_factor", "two_factor"]
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,9 @@ def parse_rank(value: object, field: str = "rank") -> RankSpec:
     raise PlanError(f"{field}: {value!r} is not a rank (use an int >= 1, a fraction in (0, 1) or 'energy:F')")
 
 
-def factor_params(rank: int, m: int, n: int, form: Form = "tucker") -> int:
+def factor_params(rank: int, m: int, n: int, form: Form = "three_factor") -> int:
     """Parameters of the factors of an m x n matrix at ``rank``: r(m+n)+r² (Tucker-2) or r(m+n)."""
-    return rank * (m + n) + (rank * rank if form == "tucker" else 0)
+    return rank * (m + n) + (rank * rank if form == "three_factor" else 0)
 
 
 def break_even_rank(m: int, n: int) -> float:
@@ -94,7 +94,7 @@ def break_even_rank(m: int, n: int) -> float:
     return m * n / (m + n)
 
 
-def break_even_rank_tucker(m: int, n: int) -> int:
+def break_even_rank_three_factor(m: int, n: int) -> int:
     """The largest r with r(m+n) + r² <= m·n: break-even for the paper's three-factor Tucker form."""
     s = m + n
     r = int((-s + math.sqrt(s * s + 4 * m * n)) / 2)
@@ -119,7 +119,7 @@ def energy_rank(singular_values: Sequence[float], energy: float) -> int:
     return len(squares)
 
 
-def fraction_rank(fraction: float, m: int, n: int, form: Form = "tucker") -> int:
+def fraction_rank(fraction: float, m: int, n: int, form: Form = "three_factor") -> int:
     """Largest rank whose factors keep at most ``fraction`` of the m·n parameters (at least 1)."""
     budget = fraction * m * n
     r = max(1, int(budget // (m + n)))
@@ -131,7 +131,7 @@ def fraction_rank(fraction: float, m: int, n: int, form: Form = "tucker") -> int
 
 
 def resolve_rank(spec: RankSpec, m: int, n: int, singular_values: Sequence[float] | None = None,
-                 form: Form = "tucker", field: str = "rank") -> int:
+                 form: Form = "three_factor", field: str = "rank") -> int:
     """The int rank a spec means for an m x n matrix; exact ranks are checked against 1..min(m, n)."""
     full = min(m, n)
     if spec.kind == "exact":

@@ -17,7 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rankwise.design.ranks import break_even_rank_tucker
+from rankwise.design.ranks import break_even_rank_three_factor
 from rankwise.models.adapters import TargetInfo
 
 
@@ -56,7 +56,7 @@ def per_target_space_size(shapes: Sequence[tuple[int, int]]) -> int:
     """Π (1 + r*_t) over targets of shape (m, n): dense, or any rank that saves parameters."""
     total = 1
     for m, n in shapes:
-        total *= 1 + break_even_rank_tucker(m, n)
+        total *= 1 + break_even_rank_three_factor(m, n)
     return total
 
 

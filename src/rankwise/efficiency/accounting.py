@@ -27,9 +27,6 @@ from torch import nn
 from rankwise.errors import RankwiseError
 from rankwise.models.adapters import ArchitectureAdapter, adapter_for
 
-#: Roles that are not decomposition targets.
-NON_TARGET_ROLES = ("embed", "lm_head", "norm", "other")
-
 
 @dataclass(frozen=True)
 class ParamRow:

@@ -53,7 +53,7 @@ from rankwise.efficiency.microbench import (  # noqa: F401  (re-exported: the mo
 from rankwise.efficiency.policy import _describe, choose_form, choose_layout, form_params, shape_layouts  # noqa: F401
 from rankwise.errors import RankwiseError
 from rankwise.layers.factorized import FactorizedLinear, FactorizedShape, Layout
-from rankwise.layers.modules import is_factorized, merge_factorized_
+from rankwise.layers.modules import REPORT_ATTR, is_factorized, merge_factorized_
 from rankwise.models.adapters import adapter_for
 
 #: Attribute on a model holding the last :func:`choose_execution` report.
@@ -190,8 +190,6 @@ def _params(module: nn.Module) -> int:
 
 def _kept_dense_reasons(model: nn.Module) -> dict[str, str]:
     """Reasons the decomposition left planned targets dense (break-even), from its attached report."""
-    from rankwise.surgery import REPORT_ATTR
-
     report = getattr(model, REPORT_ATTR, None)
     if report is None:
         return {}

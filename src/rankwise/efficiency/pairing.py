@@ -78,7 +78,7 @@ def bench_pair(model: str, *, plan: Any = None, plan_name: str = "plan", baselin
     the_dtype = dtype or str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     extra: dict[str, Any] = {}
     if plan is not None:
-        from rankwise.surgery import decompose
+        from rankwise.decomposition.apply import decompose_ as decompose
 
         dense = loaded.model
         decomposed = copy.deepcopy(dense)

@@ -29,3 +29,30 @@ def merge_factorized_(model: nn.Module) -> nn.Module:
         if name and is_factorized(module):
             replace_module(model, name, dense_like(module, module.merge()))
     return model
+
+
+#: Attribute on a decomposed model holding the last decomposition's report (read by savers and tools).
+REPORT_ATTR = "_rankwise_report"
+#: The ``quant_method`` under which rankwise checkpoints register with transformers.
+QUANT_METHOD = "rankwise"
+
+
+def merge_(model: nn.Module) -> nn.Module:
+    """Turn every factorized layer back into a plain ``nn.Linear`` (weight A·G·Bᵀ); returns the model.
+
+    The result has the dense model's structure (and size) with the decomposition's approximation baked in,
+    and no longer claims to be a rankwise checkpoint (its quantization config and report are dropped): useful
+    to export to tools that do not know factorized layers.
+    """
+    merge_factorized_(model)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and getattr(quantizer.quantization_config, "quant_method", None) == QUANT_METHOD:
+        quantizer.remove_quantization_config(model)
+    if hasattr(getattr(model, "config", None), "quantization_config"):
+        qc = model.config.quantization_config
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+        if method == QUANT_METHOD:
+            del model.config.quantization_config
+    if hasattr(model, REPORT_ATTR):
+        delattr(model, REPORT_ATTR)
+    return model

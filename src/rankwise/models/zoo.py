@@ -23,6 +23,7 @@ import torch
 
 from rankwise.errors import ModelLoadError, first_line
 from rankwise.fileio import remove_stale, write_text_atomic
+from rankwise.layers.modules import QUANT_METHOD
 from rankwise.models.bundled import BUNDLED
 from rankwise.models.integrity import (
     check_loading_info,
@@ -103,14 +104,16 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def load(spec: str | os.PathLike[str], dtype: str | torch.dtype = "float32", device: str = "cpu") -> LoadedModel:
+def load(spec: str | os.PathLike[str], dtype: str | torch.dtype | None = None, device: str = "cpu") -> LoadedModel:
     """Load a model from a bundled alias, a local folder or ``.gguf`` file, or a Hugging Face model id.
 
-    A folder holding a rankwise checkpoint (a decomposed model) loads as that decomposed model.
+    A folder holding a rankwise checkpoint (a decomposed model) loads as that decomposed model. The dtype
+    rule, the same for every command: ``dtype`` if given; else a rankwise checkpoint keeps the dtype it was
+    saved in; everything else loads in float32 (GGUF weights are dequantized to it).
     Raises :class:`ModelLoadError` with a one-line message for anything that cannot be loaded.
     """
     spec_str = str(spec)
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype if dtype is not None else default_dtype(spec_str))
     bundled = BUNDLED.get(spec_str)
     if bundled is not None:
         path = bundled.locate()
@@ -130,6 +133,19 @@ def load(spec: str | os.PathLike[str], dtype: str | torch.dtype = "float32", dev
         folder = path
     return _load_folder(folder, name=spec_str, source=str(path), dtype=torch_dtype, device=device,
                         kind_hint=kind_hint)
+
+
+def default_dtype(spec: str | os.PathLike[str]) -> str:
+    """The dtype :func:`load` uses when none is asked for: a rankwise checkpoint's saved dtype, else float32."""
+    config_path = Path(str(spec)).expanduser() / "config.json"
+    try:
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    except (OSError, ValueError):
+        config = {}
+    if not isinstance(config, dict) or (config.get("quantization_config") or {}).get("quant_method") != QUANT_METHOD:
+        return "float32"
+    saved = config.get("dtype") or config.get("torch_dtype")
+    return saved if saved in DTYPES else "float32"
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -175,12 +191,11 @@ def _load_folder(folder: Path, name: str, source: str, dtype: torch.dtype, devic
     if not config_path.is_file():
         raise ModelLoadError(f"{folder}: not a model folder (no config.json)")
     try:
-        raw_config = json.loads(config_path.read_text())
+        json.loads(config_path.read_text())  # a readable config, or one clear line
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{config_path}: unreadable config.json ({first_line(exc)})") from None
-    if (raw_config.get("quantization_config") or {}).get("quant_method") == "rankwise":
-        # A decomposed checkpoint: importing the checkpoint module registers the format with transformers.
-        import rankwise.checkpoint  # noqa: F401
+    # A decomposed checkpoint loads through transformers' quantizer hook, which ``import rankwise`` (run
+    # before any rankwise module) registers: see rankwise.checkpoint.
     if not any(folder.glob("*.safetensors")):
         raise ModelLoadError(f"{folder}: no .safetensors weights (rankwise never unpickles .bin files)")
     try:

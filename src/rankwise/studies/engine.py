@@ -55,14 +55,14 @@ def directions(spec: StudySpec) -> list[str]:
 
 
 def environment(spec: StudySpec) -> dict[str, Any]:
+    from importlib.metadata import version
+
     import optuna
     import torch
     import transformers
 
-    import rankwise
-
     return {"model": spec.model, "dtype": spec.dtype, "device": spec.device,
-            "versions": {"rankwise": rankwise.__version__, "torch": torch.__version__,
+            "versions": {"rankwise": version("rankwise"), "torch": torch.__version__,
                          "transformers": transformers.__version__, "optuna": optuna.__version__},
             "threads": spec.threads}
 

@@ -129,7 +129,7 @@ class PointRunner:
 
     def __init__(self, spec: StudySpec, points: Sequence[DesignPoint], *, reuse: bool | None = None,
                  progress: bool = False, log: Callable[[str], None] | None = None) -> None:
-        from rankwise.surgery import model_size
+        from rankwise.decomposition.apply import model_size
 
         self.spec = spec
         self.reuse = spec.execution.reuse if reuse is None else reuse
@@ -183,7 +183,7 @@ class PointRunner:
     def _precompute_stats(self, points: Sequence[DesignPoint]) -> None:
         """Calibration statistics for every target a data-aware point may decompose, once per worker."""
         from rankwise.decomposition import get_method
-        from rankwise.surgery import gather_stats, resolve_targets, stats_request
+        from rankwise.decomposition.apply import gather_stats, resolve_targets, stats_request
 
         request: dict[str, frozenset[str]] = {}
         plans = [p.plan for p in points if p.kind == "decompose" and p.plan]
@@ -283,7 +283,7 @@ class PointRunner:
     def measure_all(self, first_layer: int | None = None, record_all: bool = False) -> dict[str, Any]:
         """Size, metrics and efficiency of the model as it is now. ``first_layer``: the lowest layer the
         current point changes (lets the hidden-state cache replay the dense blocks before it)."""
-        from rankwise.surgery import model_size
+        from rankwise.decomposition.apply import model_size
 
         params, nbytes = model_size(self.model)
         session = (self.hidden.session(first_layer, record_all=record_all) if self.hidden is not None
@@ -338,8 +338,14 @@ class PointRunner:
     def apply_plan(self, plan_dict: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], None]]:
         """Decompose the plan's targets (factors from the cache where present); returns the report and the
         function that swaps the dense modules back."""
-        from rankwise.decomposition_report import DecompositionReport
-        from rankwise.surgery import REPORT_ATTR, decompose, model_size, parse_fold, resolve_targets
+        from rankwise.decomposition.apply import (
+            REPORT_ATTR,
+            decompose,
+            model_size,
+            parse_fold,
+            resolve_targets,
+        )
+        from rankwise.decomposition.report import DecompositionReport
 
         t0 = time.perf_counter()
         plan = _as_plan(plan_dict)
