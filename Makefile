@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml $(LOCK) Makefile
 setup: $(STAMP)
 
 run: setup
-	RANKWISE_DATA=$(DATA) $(BIN)/rankwise inspect $(MODEL)
+	RANKWISE_DATA=$(DATA) $(BIN)/rankwise paper --quick --model $(MODEL) -o results/paper
 
 test: setup
 	$(TEST_ENV) $(BIN)/python -m pytest -q
