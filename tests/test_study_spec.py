@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from helpers import run_cli, tiny_llama
+from rankwise.decomposition.removal import remove_blocks, restore_blocks
 from rankwise.errors import RankwiseError
 from rankwise.studies.points import dense_layers_at_spacing, evenly_spaced, expand_grid
-from rankwise.studies.removal import remove_blocks, restore_blocks
 from rankwise.studies.spec import load_spec, parse_spec
 
 BASE = {"model": "smollm2-135m", "tasks": [{"name": "arc_easy", "limit": 8}], "grid": [{"preset": "layer-count"}]}

@@ -28,6 +28,7 @@ from torch import nn
 
 from rankwise.design.ranks import factor_params
 from rankwise.errors import PlanError
+from rankwise.models.zoo import param_size
 
 Unit = Literal["model-params", "decoder-params", "bytes"]
 UNITS: tuple[Unit, ...] = ("model-params", "decoder-params", "bytes")
@@ -190,15 +191,12 @@ def accounting_for(model: nn.Module, forms: Mapping[str, str] | str = "two_facto
     targets = tuple(TargetSize(t.layer, t.role, t.out_features, t.in_features,
                                forms if isinstance(forms, str) else forms.get(t.role, "two_factor"))
                     for t in infos)
-    params = list(model.parameters())
-    model_params = sum(p.numel() for p in params)
-    model_bytes = sum(p.numel() * p.element_size() for p in params)
+    model_params, model_bytes = param_size(model)
     sizes = {adapter.linear(t.layer, t.role).weight.element_size() for t in infos}
     if len(sizes) != 1:
         raise PlanError("budget accounting: the target weights have mixed dtypes; load the model in one dtype")
     bpp = sizes.pop()
     target_bytes = sum(t.dense for t in targets) * bpp
     blocks = [adapter.block(i) for i in range(adapter.n_layers)]
-    block_params = tuple(sum(p.numel() for p in b.parameters()) for b in blocks)
-    block_bytes = tuple(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)
+    block_params, block_bytes = (tuple(x) for x in zip(*(param_size(b) for b in blocks), strict=True))
     return Accounting(targets, model_params, bpp, model_bytes - target_bytes, block_params, block_bytes)

@@ -26,9 +26,9 @@ from rankwise.allocation.sensitivity import (
     profile,
     proxy_ids,
 )
+from rankwise.analysis.spectrum import singular_values
 from rankwise.calibration.data import CalibrationConfig
 from rankwise.decomposition import get_method
-from rankwise.decomposition.solvers import singular_values
 from rankwise.design.plan import Plan
 from rankwise.errors import PlanError
 from rankwise.models.adapters import adapter_for

@@ -19,7 +19,6 @@ from __future__ import annotations
 import importlib.resources
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +34,11 @@ from rankwise.checkpoint.format import (
 )
 from rankwise.checkpoint.output import (
     CheckpointError,
+    atomic_folder,
     check_out_folder,
-    make_temp_folder,
     output_lock,
-    replace_folder,
 )
 from rankwise.errors import ModelLoadError, RankwiseError, first_line
-from rankwise.fileio import dir_mode, file_mode
 from rankwise.layers.modules import REPORT_ATTR
 
 #: Auto classes tried, in order, for the ``auto_map`` of the remote-code model class.
@@ -139,12 +136,7 @@ def _save_locked(model: nn.Module, out: Path, tokenizer: Any, report: Any) -> Pa
     report = report if report is not None else getattr(model, REPORT_ATTR, None)
     plan = getattr(report, "plan", None) if report is not None else _existing_plan(model)
     arch = base_architecture(model)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = make_temp_folder(out)
-    except OSError as exc:
-        raise CheckpointError(f"cannot write {out}: {first_line(exc)}") from None
-    try:
+    with atomic_folder(out) as tmp:
         _save_pretrained_quietly(model, tmp)
         config = read_config(tmp) or {}
         config["quantization_config"] = quantization_config(model, plan)
@@ -161,14 +153,6 @@ def _save_locked(model: nn.Module, out: Path, tokenizer: Any, report: Any) -> Pa
         if report is not None:
             text = report.to_json() if hasattr(report, "to_json") else json.dumps(report, indent=2)
             (tmp / REPORT_FILE).write_text(text + "\n")
-        _normal_permissions(tmp)
-        replace_folder(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write {out}: {first_line(exc)}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -186,14 +170,6 @@ def _save_pretrained_quietly(model: nn.Module, folder: Path) -> None:
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
-
-
-def _normal_permissions(folder: Path) -> None:
-    """mkdtemp makes a private (0700) folder; give the checkpoint the permissions a plain mkdir would."""
-    folder.chmod(dir_mode())
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(file_mode())
 
 
 def load(spec: str | os.PathLike[str], dtype: str | None = None, device: str = "cpu"):

@@ -31,8 +31,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from rankwise.checkpoint.format import REPORT_FILE, is_checkpoint
-from rankwise.errors import OutputError
-from rankwise.fileio import check_output_path, pid_alive, remove_stale
+from rankwise.errors import OutputError, RankwiseError, first_line
+from rankwise.fileio import check_output_path, dir_mode, file_mode, pid_alive, remove_stale
 
 
 class CheckpointError(OutputError):
@@ -184,3 +184,31 @@ def replace_folder(tmp: Path, out: Path) -> None:
         os.replace(trash / out.name, out)
         raise
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def normal_permissions(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder; give what was written the permissions a plain mkdir would."""
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(dir_mode() if path.is_dir() else file_mode())
+
+
+@contextmanager
+def atomic_folder(out: Path, error: type[RankwiseError] = CheckpointError) -> Iterator[Path]:
+    """A temp folder beside ``out`` to write into; when the block finishes it gets normal permissions and
+    replaces ``out`` in one step (:func:`replace_folder`), and on any failure it is removed, so ``out`` is
+    either the old folder or the complete new one. Checkpoints, streamed checkpoints and reports use it."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = make_temp_folder(out)
+    except OSError as exc:
+        raise error(f"cannot write {out}: {first_line(exc)}") from None
+    try:
+        yield tmp
+        normal_permissions(tmp)
+        replace_folder(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise error(f"cannot write {out}: {first_line(exc)}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

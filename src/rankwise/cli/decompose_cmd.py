@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rankwise.cli.main import app
+from rankwise.efficiency.compare import format_bytes
 from rankwise.errors import PlanError, RankwiseError
 from rankwise.fileio import write_json_atomic, write_or_rescue
 from rankwise.models import DEFAULT_MODEL
@@ -158,10 +159,6 @@ def decompose(
     print_summary(data)
 
 
-def _fmt_bytes(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB"
-
-
 def print_summary(data: dict[str, Any]) -> None:
     """The run in one table (labelled numbers), then any targets kept dense or fallbacks taken."""
     console = Console()
@@ -184,7 +181,7 @@ def print_summary(data: dict[str, Any]) -> None:
         ("parameters after (whole model)", f"{s['params_after']:,}"),
         ("parameters removed", f"{s['params_removed']:,}"),
         ("reduction of the whole model", f"{s['reduction_pct_of_whole_model']:.3f}%"),
-        ("parameter bytes before / after", f"{_fmt_bytes(s['bytes_before'])} / {_fmt_bytes(s['bytes_after'])}"),
+        ("parameter bytes before / after", f"{format_bytes(s['bytes_before'])} / {format_bytes(s['bytes_after'])}"),
         ("mean relative error ‖W−Ŵ‖/‖W‖", "-" if s["mean_rel_error"] is None else f"{s['mean_rel_error']:.4f}"),
         ("mean whitened error ‖(W−Ŵ)S‖/‖WS‖", "-" if s["mean_weighted_error"] is None
          else f"{s['mean_weighted_error']:.4f}"),

@@ -53,6 +53,7 @@ from rankwise.errors import DataError, PlanError
 from rankwise.layers.factorized import FactorizedLinear
 from rankwise.layers.modules import REPORT_ATTR, is_factorized, merge_
 from rankwise.models.adapters import ArchitectureAdapter, TargetInfo, adapter_for
+from rankwise.models.zoo import param_size
 
 #: What ``calibration=`` may be: nothing (defaults), settings, token windows, or statistics per module name.
 Calibration = CalibrationConfig | torch.Tensor | Mapping[str, CalibrationStats] | None
@@ -79,10 +80,8 @@ def as_plan(plan: Plan | Mapping[str, Any] | str | Path) -> Plan:
     raise PlanError(f"plan: expected a Plan, a mapping or a file path, got {type(plan).__name__}")
 
 
-def model_size(model: nn.Module) -> tuple[int, int]:
-    """(parameters, bytes of parameters), each parameter counted once (tied embeddings once)."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+#: (parameters, bytes of parameters): :func:`rankwise.models.zoo.param_size` under its old name here.
+model_size = param_size
 
 
 # --- planning -----------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import ClassVar
 
 import torch
 
+from rankwise.analysis.spectrum import singular_values
 from rankwise.decomposition.base import (
     CalibrationStats,
     DecompositionMethod,
@@ -28,7 +29,7 @@ from rankwise.decomposition.base import (
     SolverConfig,
     check_weight,
 )
-from rankwise.decomposition.solvers import KRYLOV_OVERSAMPLE, singular_values, truncated_svd
+from rankwise.decomposition.solvers import KRYLOV_OVERSAMPLE, truncated_svd
 from rankwise.errors import DecompositionError
 
 log = logging.getLogger(__name__)

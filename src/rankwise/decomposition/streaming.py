@@ -56,14 +56,11 @@ from rankwise.calibration.layerwise import (
     run_block,
 )
 from rankwise.checkpoint.format import MODELING_FILE, REPORT_FILE, is_checkpoint, read_config
-from rankwise.checkpoint.io import _normal_permissions
 from rankwise.checkpoint.output import (
-    CheckpointError,
+    atomic_folder,
     check_out_folder,
     clean_leftovers,
-    make_temp_folder,
     output_lock,
-    replace_folder,
 )
 from rankwise.decomposition import apply as surgery
 from rankwise.decomposition.base import CalibrationStats, get_method
@@ -363,12 +360,7 @@ def _stream_locked(source: str | os.PathLike[str], out: Path, plan: Plan | Mappi
         (block_keys[layer] if layer is not None else stem_keys).append(key)
     check_source(model, src)
 
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = make_temp_folder(out)
-    except OSError as exc:
-        raise CheckpointError(f"cannot write {out}: {first_line(exc)}") from None
-    try:
+    with atomic_folder(out) as tmp:
         records, calib_info, shards = _run(model, adapter, blocks, blocks_path, chosen, methods, request, src,
                                            block_keys, stem_keys, tmp, calibration, fold_mode, sequential,
                                            offload, device, torch_dtype, progress)
@@ -380,14 +372,6 @@ def _stream_locked(source: str | os.PathLike[str], out: Path, plan: Plan | Mappi
             dtype=str(torch_dtype).removeprefix("torch."))
         _write_index(tmp, shards)
         _write_metadata(model, folder, tmp, report)
-        _normal_permissions(tmp)
-        replace_folder(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write {out}: {first_line(exc)}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from rankwise.analysis.spectrum import singular_values
 from rankwise.decomposition.base import (
     CalibrationStats,
     DecompositionMethod,
@@ -33,7 +34,7 @@ from rankwise.decomposition.base import (
     check_weight,
     register_method,
 )
-from rankwise.decomposition.solvers import singular_values, truncated_svd
+from rankwise.decomposition.solvers import truncated_svd
 
 
 @register_method

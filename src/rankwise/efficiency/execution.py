@@ -55,6 +55,7 @@ from rankwise.errors import RankwiseError
 from rankwise.layers.factorized import FactorizedLinear, FactorizedShape, Layout
 from rankwise.layers.modules import REPORT_ATTR, is_factorized, merge_factorized_
 from rankwise.models.adapters import adapter_for
+from rankwise.models.zoo import count_params
 
 #: Attribute on a model holding the last :func:`choose_execution` report.
 EXECUTION_ATTR = "_rankwise_execution"
@@ -185,7 +186,7 @@ class ExecutionReport:
 
 # --- applying ---------------------------------------------------------------------------------------------
 def _params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    return count_params(module)
 
 
 def _kept_dense_reasons(model: nn.Module) -> dict[str, str]:

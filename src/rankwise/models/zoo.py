@@ -90,9 +90,18 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
         raise ModelLoadError(f"unknown dtype '{name}': choose one of {', '.join(DTYPES)}") from None
 
 
-def count_params(model: torch.nn.Module) -> int:
-    """Parameters counted once each (tied embeddings count once), as ``model.parameters()`` yields them."""
-    return sum(p.numel() for p in model.parameters())
+def param_size(module: torch.nn.Module) -> tuple[int, int]:
+    """(parameters, bytes of parameters) of a model or any module: the one parameter counter in rankwise.
+
+    Each parameter is counted once, as ``parameters()`` yields them (tied embeddings count once).
+    """
+    params = list(module.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+def count_params(module: torch.nn.Module) -> int:
+    """Parameters of a model or module (see :func:`param_size`)."""
+    return param_size(module)[0]
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:

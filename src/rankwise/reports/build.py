@@ -7,17 +7,15 @@ replaced (it may be someone's data).
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from rankwise.errors import RankwiseError, first_line
-from rankwise.fileio import dir_mode, file_mode, write_json_atomic, write_text_atomic
+from rankwise.checkpoint.output import atomic_folder
+from rankwise.errors import RankwiseError
+from rankwise.fileio import write_json_atomic, write_text_atomic
 from rankwise.reports import document as d
 from rankwise.reports import html as html_mod
 from rankwise.reports.figures import FigureEntry, study_figures
@@ -29,39 +27,16 @@ _MARKERS = ("report.json", "report.html")
 
 
 @contextmanager
-def atomic_folder(out: Path) -> Iterator[Path]:
-    """A temp folder next to ``out``, renamed onto it on success (an old report is swapped out, then removed)."""
+def report_folder(out: Path) -> Iterator[Path]:
+    """A temp folder written into and swapped onto ``out`` in one step (:func:`rankwise.checkpoint.output.
+    atomic_folder`); an existing non-empty folder that is not a report is refused, never replaced."""
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise RankwiseError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not any((out / m).exists() for m in _MARKERS):
         raise RankwiseError(f"{out} exists, is not empty and is not a rankwise report; choose another -o")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as exc:
-        raise RankwiseError(f"cannot write {out}: {first_line(exc)}") from None
-    try:
+    with atomic_folder(out, RankwiseError) as tmp:
         yield tmp
-        for path in [tmp, *tmp.rglob("*")]:
-            path.chmod(dir_mode() if path.is_dir() else file_mode())
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(trash / out.name, out)
-                raise
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RankwiseError(f"cannot write {out}: {first_line(exc)}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _best_summary(best: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -138,7 +113,7 @@ def build_report(doc: dict[str, Any], out: str | Path, *, source: str = "results
     cols = columns(doc)
     table = rows(doc)
     out = Path(out)
-    with atomic_folder(out) as tmp:
+    with report_folder(out) as tmp:
         figures: list[tuple[FigureEntry, bytes | None]] = []
         for e in entries:
             if e.figure is None:

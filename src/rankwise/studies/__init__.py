@@ -2,7 +2,7 @@
 
 * :mod:`.spec` - the study spec (YAML), validated with one-line errors naming the field;
 * :mod:`.points` - design points: the paper's sweeps as presets, axes and explicit plans;
-* :mod:`.removal` - dropping whole blocks (the layer-removal baseline), reversibly;
+* layer removal (the baseline) is :mod:`rankwise.decomposition.removal`, shared with plans;
 * :mod:`.trial` - measuring one point on a model loaded once, and restoring it afterwards;
 * :mod:`.storage` - Optuna RDB storage (SQLite, PostgreSQL) and atomic trial state changes;
 * :mod:`.engine` - creating/resuming studies, workers with heartbeats and retries, :func:`run_study`;

@@ -32,12 +32,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from rankwise.decomposition.removal import remove_blocks, restore_blocks
 from rankwise.errors import RankwiseError
 from rankwise.evaluation.registry import EvalOptions
 from rankwise.evaluation.results import TaskResult
 from rankwise.studies.hidden import HiddenStateCache
 from rankwise.studies.points import DesignPoint
-from rankwise.studies.removal import remove_blocks, restore_blocks
 from rankwise.studies.spec import StudySpec
 
 #: Task metric used as the task's headline value, in order of preference.
