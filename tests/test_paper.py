@@ -25,7 +25,7 @@ def _plan(mode, tmp_path, **kw):
 
 
 @pytest.mark.parametrize("mode, counts, items, total", [
-    ("quick", [1, 2, 3, 4, 6], 40, 25),
+    ("quick", [1, 2, 3, 4, 6], 25, 21),
     ("standard", [1, *range(2, 31, 2)], 300, 89),
     ("full", list(range(1, 31)), None, 30 + 30 + 5 + 16 + 30 + 6),
 ])

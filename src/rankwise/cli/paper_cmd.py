@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -70,8 +71,9 @@ def paper(
 
     n_layers, roles = _shape(model)
     enc_layers = _shape(ENCODER_MODEL)[0] if encoder else None
+    threads = max(1, min(8, (os.cpu_count() or 1) // workers))  # the machine's cores, shared by the workers
     plan = build_plan(mode, model, n_layers, roles, data=data_dir(), encoder_layers=enc_layers,
-                      items=items, points=points)
+                      items=items, points=points, threads=threads)
     if not encoder:
         plan.notes.append("encoder case left out (--no-encoder)")
     for s in plan.studies:
