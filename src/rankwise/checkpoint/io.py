@@ -135,25 +135,33 @@ def save(model: nn.Module, out: str | os.PathLike[str], tokenizer: Any = None, r
 def _save_locked(model: nn.Module, out: Path, tokenizer: Any, report: Any) -> Path:
     report = report if report is not None else getattr(model, REPORT_ATTR, None)
     plan = getattr(report, "plan", None) if report is not None else _existing_plan(model)
-    arch = base_architecture(model)
     with atomic_folder(out) as tmp:
         _save_pretrained_quietly(model, tmp)
-        config = read_config(tmp) or {}
-        config["quantization_config"] = quantization_config(model, plan)
-        config.pop("auto_map", None)
-        if arch is not None:
-            config["architectures"] = [arch]
-            auto = auto_class_for(arch)
-            if auto is not None:
-                (tmp / MODELING_FILE).write_text(modeling_source(arch))
-                config["auto_map"] = {auto: f"{MODELING_FILE.removesuffix('.py')}.Rankwise{arch}"}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if report is not None:
-            text = report.to_json() if hasattr(report, "to_json") else json.dumps(report, indent=2)
-            (tmp / REPORT_FILE).write_text(text + "\n")
+        write_rankwise_files(model, tmp, plan, tokenizer, report)
     return out
+
+
+def write_rankwise_files(model: nn.Module, folder: Path, plan: Any, tokenizer: Any = None, report: Any = None) -> None:
+    """Turn a folder holding a model's ``config.json`` into a rankwise checkpoint: the rankwise
+    ``quantization_config`` and, for a transformers architecture, the remote-code file and its ``auto_map``;
+    then the tokenizer and ``decomposition_report.json``. Whole-model saves and streamed saves both end here,
+    so their folders are the same format."""
+    config = read_config(folder) or {}
+    config["quantization_config"] = quantization_config(model, plan)
+    config.pop("auto_map", None)
+    arch = base_architecture(model)
+    if arch is not None:
+        config["architectures"] = [arch]
+        auto = auto_class_for(arch)
+        if auto is not None:
+            (folder / MODELING_FILE).write_text(modeling_source(arch))
+            config["auto_map"] = {auto: f"{MODELING_FILE.removesuffix('.py')}.Rankwise{arch}"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if tokenizer:
+        tokenizer.save_pretrained(folder)
+    if report is not None:
+        text = report.to_json() if hasattr(report, "to_json") else json.dumps(report, indent=2)
+        (folder / REPORT_FILE).write_text(text + "\n")
 
 
 def _save_pretrained_quietly(model: nn.Module, folder: Path) -> None:

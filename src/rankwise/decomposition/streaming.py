@@ -55,7 +55,7 @@ from rankwise.calibration.layerwise import (
     capture_block_inputs,
     run_block,
 )
-from rankwise.checkpoint.format import MODELING_FILE, REPORT_FILE, is_checkpoint, read_config
+from rankwise.checkpoint.format import is_checkpoint, read_config
 from rankwise.checkpoint.output import (
     atomic_folder,
     check_out_folder,
@@ -532,26 +532,12 @@ def _write_metadata(model: nn.Module, folder: Path, tmp: Path, report: Decomposi
     and report: the same files :func:`rankwise.checkpoint.save` writes next to the weights."""
     from transformers import GenerationConfig
 
-    from rankwise.checkpoint.io import auto_class_for, base_architecture, modeling_source, quantization_config
+    from rankwise.checkpoint.io import write_rankwise_files
 
     model.config.save_pretrained(tmp)
-    config = read_config(tmp) or {}
-    config["quantization_config"] = quantization_config(model, report.plan)
-    config.pop("auto_map", None)
-    arch = base_architecture(model)
-    if arch is not None:
-        config["architectures"] = [arch]
-        auto = auto_class_for(arch)
-        if auto is not None:
-            (tmp / MODELING_FILE).write_text(modeling_source(arch))
-            config["auto_map"] = {auto: f"{MODELING_FILE.removesuffix('.py')}.Rankwise{arch}"}
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if (folder / "generation_config.json").is_file():
         GenerationConfig.from_pretrained(folder).save_pretrained(tmp)
-    tokenizer = _tokenizer(folder)
-    if tokenizer:
-        tokenizer.save_pretrained(tmp)
-    (tmp / REPORT_FILE).write_text(report.to_json() + "\n")
+    write_rankwise_files(model, tmp, report.plan, _tokenizer(folder), report)
 
 
 def block_bytes(model_folder: str | os.PathLike[str], layer: int = 0, dtype: str = "float32") -> int:
