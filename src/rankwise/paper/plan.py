@@ -31,10 +31,12 @@ from rankwise.studies.points import evenly_spaced, expand_grid
 MODES = ("quick", "standard", "full")
 ENCODER_MODEL = "minilm-l6"
 WINOGRANDE_FILE = "winogrande/dev.jsonl"
+MMLU_SUBJECTS = 57
 
-#: Items per task (seeded samples, seed 1234) per mode; None = the whole test set.
+#: Items per task (seeded samples, seed 1234) per mode; None = the whole test set. MMLU is sampled per
+#: subject, so its count is spread over the 57 subjects (at least one each).
 TASK_ITEMS: dict[str, dict[str, int | None]] = {
-    "quick": {"arc_easy": 25, "arc_challenge": 25, "hellaswag": 12, "mmlu": 25, "truthfulqa_mc1": 20,
+    "quick": {"arc_easy": 25, "arc_challenge": 25, "hellaswag": 12, "mmlu": 57, "truthfulqa_mc1": 20,
               "truthfulqa_mc2": 20},
     "standard": {"arc_easy": 300, "arc_challenge": 300, "hellaswag": 200, "mmlu": 300, "truthfulqa_mc1": 300,
                  "truthfulqa_mc2": 300, "winogrande": 300},
@@ -85,6 +87,8 @@ def _tasks(mode: str, items: int | None, winogrande: bool, notes: list[str]) -> 
             continue
         if items is not None:
             n = items
+        if name == "mmlu" and n is not None:  # rankwise samples MMLU per subject: n items over the subjects
+            n = max(1, round(n / MMLU_SUBJECTS))
         out.append({"name": name} if n is None else {"name": name, "sample": n, "seed": 1234})
     if not winogrande:
         notes.append(f"winogrande skipped: its data ({WINOGRANDE_FILE}) is not in the data directory "
@@ -167,6 +171,16 @@ def count_points(study: dict[str, Any], n_layers: int, roles: Sequence[str]) -> 
     return out
 
 
+def task_items(task: dict[str, Any]) -> str:
+    """How many items a task entry measures, in words (MMLU's sample is per subject)."""
+    n = task.get("sample")
+    if n is None:
+        return f"{task['name']} all items"
+    if task["name"] == "mmlu":
+        return f"mmlu {n * MMLU_SUBJECTS} items ({n} per subject)"
+    return f"{task['name']} {n} items"
+
+
 def plan_lines(plan: PaperPlan) -> list[str]:
     """The plan as printed before a run: sweeps, points and items per task, and what is left out."""
     lines = [f"rankwise paper --{plan.mode}: {len(plan.studies)} stud{'y' if len(plan.studies) == 1 else 'ies'}"]
@@ -175,7 +189,7 @@ def plan_lines(plan: PaperPlan) -> list[str]:
         lines.append(f"  study {s['name']} on {s['model']}: {sum(counts.values())} points + the dense model")
         for sweep, n in counts.items():
             lines.append(f"    {sweep}: {n} points")
-        tasks = ", ".join(f"{t['name']} {t.get('sample', 'all')} items" for t in s["tasks"])
+        tasks = ", ".join(task_items(t) for t in s["tasks"])
         lines.append(f"    tasks (seeded samples, seed 1234): {tasks}")
         if s.get("perplexity"):
             p = s["perplexity"]
