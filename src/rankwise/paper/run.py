@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rankwise.errors import RankwiseError
+from rankwise.errors import RankwiseError, first_line
 from rankwise.fileio import write_json_atomic
 from rankwise.paper.headlines import encoder_line, headlines
 from rankwise.paper.plan import PaperPlan
@@ -62,7 +62,9 @@ def run_plan(plan: PaperPlan, out: Path, storage: str | None = None, workers: in
 
     from rankwise.reports import build_report
     from rankwise.studies import run_study, study_document
+    from rankwise.studies.engine import check_existing
     from rankwise.studies.export import status
+    from rankwise.studies.spec import load_spec
 
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or default_storage(out)
@@ -75,6 +77,11 @@ def run_plan(plan: PaperPlan, out: Path, storage: str | None = None, workers: in
         with contextlib.suppress(Exception):  # a new study has no status yet
             done = status(storage, study["name"])["done"]
         log(f"study {study['name']}: {total} points, {done} already done in {storage}")
+        try:
+            check_existing(load_spec(study), storage, study["name"])
+        except RankwiseError as exc:
+            raise RankwiseError(f"{first_line(str(exc)).split(': choose')[0]}: the plan changed since that run "
+                                "(mode sizes, threads); use another -o DIR or --storage") from None
         eta = EtaPrinter(total, done, workers, log, line)
         t0 = time.monotonic()
         try:
