@@ -92,6 +92,9 @@ def test_headlines_from_a_document():
     assert out["numbers"]["nine_percent"]["change"] == pytest.approx(-0.1)
     assert "n=3 0.400 vs 0.375" in second and "n=6" not in second  # the FAIL removal is not compared
     assert "-4.0%" in third and "no RAPL counter" in third and "16 tokens after 64" in third
+    doc["dense"]["metrics"]["mmlu"]["stderr"] = None  # MMLU's group reports none: binomial from n, p
+    assert headlines(doc)["numbers"]["dense_stderr"] == pytest.approx(
+        ((0.05 ** 2 + 0.4 * 0.6 / 39) ** 0.5) / 2)
     doc["trials"][1]["efficiency"] = {"protocol": "not measurable: no decode step"}
     assert "not measured (not measurable: no decode step)" in headlines(doc)["lines"][2]
 
