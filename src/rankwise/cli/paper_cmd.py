@@ -28,7 +28,7 @@ def paper(
     model: Annotated[str, typer.Option("--model", help="Decoder model (bundled alias, folder or hub id).")] =
     "smollm2-135m",
     quick: Annotated[bool, typer.Option("--quick", help="Seeded subsets of a few dozen items, a few points per "
-                                                        "sweep: about 10 minutes on 2 idle CPU cores (default).")]
+                                                        "sweep (default; the README gives its measured time).")]
     = False,
     standard: Annotated[bool, typer.Option("--standard", help="A few hundred items per task, every second layer "
                                                               "count: about two hours on 2 CPU cores.")] = False,

@@ -1,9 +1,10 @@
 """The paper's case studies (Moar et al., IISWC 2024) as study specs, one set of sizes per mode.
 
 A *mode* fixes how much is measured, never what: ``quick`` (seeded subsets of a few dozen items, a few
-points per sweep; about 10 minutes on 2 idle CPU cores), ``standard`` (a few hundred items per task, the
-layer-count sweep at every second layer count; about two hours there) and ``full`` (complete test sets,
-every point, GSM8K included; for a GPU or a lot of time). Every sweep of the paper is in every mode:
+points per sweep; aimed at about 10 minutes on 2 idle CPU cores, projected at several times that so far:
+see the README), ``standard`` (a few hundred items per task, the layer-count sweep at every second layer
+count; aimed at about two hours there, not measured) and ``full`` (complete test sets, every point, GSM8K
+included; for a GPU or a lot of time). Every sweep of the paper is in every mode:
 
 * ``layer-count`` - rank 1 on all tensors of n evenly spaced layers (Fig. 9/10);
 * ``layer-removal`` - the same layer sets dropped instead (rank 1 on all 7 tensors leaves a layer nearly
