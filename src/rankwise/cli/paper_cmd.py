@@ -31,7 +31,7 @@ def paper(
                                                         "sweep (default; the README gives its measured time).")]
     = False,
     standard: Annotated[bool, typer.Option("--standard", help="A few hundred items per task, every second layer "
-                                                              "count: about two hours on 2 CPU cores.")] = False,
+                                                              "count: aimed at about two hours on 2 CPU cores (not yet measured).")] = False,
     full: Annotated[bool, typer.Option("--full", help="Complete test sets (GSM8K too) at every point: days on "
                                                       "2 CPU cores; for a GPU.")] = False,
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder: storage, results JSON, report.")] =
