@@ -89,13 +89,20 @@ def _caption_base(spectra: dict[str, Any]) -> str:
             "(out × in), float64 eigenvalues of the smaller Gram matrix; one line per layer, colour = layer.")
 
 
-def spectra_figure(spectra: dict[str, Any]) -> Figure:
-    """Per role: σ_i / σ_1 (log scale) against the index i, one line per layer."""
+def _role_panels(spectra: dict[str, Any]) -> tuple[dict[str, list[dict[str, Any]]], Figure, list[Any], Any, Any]:
+    """The targets grouped by role, a figure with one panel per role, and the layer colour map both spectra
+    figures share (so a layer has the same colour in each)."""
     groups = _by_role(spectra)
     n_layers = int(spectra.get("n_layers") or 1 + max(t["layer"] for ts in groups.values() for t in ts))
     cmap, norm = _layer_colors(n_layers)
     fig = new_figure(12.0, 5.6 if len(groups) > 3 else 3.2)
     axes = _panel_grid(fig, len(groups))
+    return groups, fig, axes, cmap, norm
+
+
+def spectra_figure(spectra: dict[str, Any]) -> Figure:
+    """Per role: σ_i / σ_1 (log scale) against the index i, one line per layer."""
+    groups, fig, axes, cmap, norm = _role_panels(spectra)
     for ax, (role, ts) in zip(axes, groups.items(), strict=True):
         for t in ts:
             s = np.asarray(t["singular_values"], dtype=float)
@@ -121,11 +128,7 @@ def cumulative_energy(s: np.ndarray) -> np.ndarray:
 
 def energy_figure(spectra: dict[str, Any]) -> Figure:
     """Per role: cumulative energy against the kept rank as a share of the full rank, one line per layer."""
-    groups = _by_role(spectra)
-    n_layers = int(spectra.get("n_layers") or 1 + max(t["layer"] for ts in groups.values() for t in ts))
-    cmap, norm = _layer_colors(n_layers)
-    fig = new_figure(12.0, 5.6 if len(groups) > 3 else 3.2)
-    axes = _panel_grid(fig, len(groups))
+    groups, fig, axes, cmap, norm = _role_panels(spectra)
     for ax, (role, ts) in zip(axes, groups.items(), strict=True):
         for t in ts:
             s = np.asarray(t["singular_values"], dtype=float)
