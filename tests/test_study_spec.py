@@ -217,3 +217,29 @@ def test_hidden_state_recording_stays_within_its_budget():
     with cache.session(None, record_all=True), torch.inference_mode():
         model(ids)
     assert sorted(cache.store) == [0, 1] and cache.bytes == 2 * one_layer
+
+
+def test_pareto_front_keeps_only_feasible_non_dominated_trials():
+    """The front is computed from stored values and constraints: an over-budget trial never joins it, even when
+    the sampler never recorded its constraint (the CI failure of an NSGA-II search)."""
+    import optuna
+
+    from rankwise.studies.export import pareto_numbers
+
+    study = optuna.create_study(directions=["maximize", "minimize"])  # accuracy up, params ratio down
+    rows = [((0.50, 0.90), 0.10),   # over budget and best accuracy: excluded
+            ((0.45, 0.75), -0.05),  # on the front
+            ((0.40, 0.60), -0.20),  # on the front
+            ((0.40, 0.70), -0.10),  # dominated by the one above
+            ((0.30, 0.60), -0.20),  # dominated
+            ((0.45, 0.75), -0.05)]  # ties with the second: neither dominates, both stay
+    for values, constraint in rows:
+        trial = study.ask()
+        trial.set_user_attr("constraint", [constraint])
+        study.tell(trial, list(values))
+    assert pareto_numbers(study) == [1, 2, 5]
+    unconstrained = optuna.create_study(directions=["maximize", "minimize"])
+    for values, _ in rows:
+        unconstrained.add_trial(optuna.trial.create_trial(values=list(values),
+                                                          distributions={}, params={}))
+    assert pareto_numbers(unconstrained) == [0, 1, 2, 5]

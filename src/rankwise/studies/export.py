@@ -115,11 +115,27 @@ def study_document(storage: str, study_name: str | None = None) -> dict[str, Any
 
 
 def pareto_numbers(study: Any) -> list[int]:
-    """Trial numbers on the Pareto front (feasible trials only when the search has a budget)."""
-    try:
-        return sorted(t.number for t in study.best_trials)
-    except (RuntimeError, ValueError):
-        return []
+    """Trial numbers on the Pareto front of the complete, feasible trials.
+
+    Computed here from each trial's stored values and its ``constraint`` attribute rather than read from
+    ``study.best_trials``: Optuna filters by the constraints its sampler recorded, and a trial told before the
+    sampler saw it (a retry, another worker's sampler) can lack them, which let an over-budget trial onto the
+    front. Feasible means every constraint value is <= 0, Optuna's convention.
+    """
+    import optuna
+
+    directions = [1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0 for d in study.directions]
+    points: list[tuple[int, tuple[float, ...]]] = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.values is None or any(c > 0 for c in t.user_attrs.get("constraint") or []):
+            continue
+        points.append((t.number, tuple(s * v for s, v in zip(directions, t.values, strict=True))))
+    return sorted(n for n, p in points if not any(_dominates(q, p) for _, q in points))
+
+
+def _dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    """``a`` is no worse than ``b`` everywhere and better somewhere (all objectives minimised)."""
+    return all(x <= y for x, y in zip(a, b, strict=True)) and a != b
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
