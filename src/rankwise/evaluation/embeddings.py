@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from rankwise.evaluation.engine import index_batches, inference
+
 Progress = Callable[[int], None]
 
 
@@ -56,24 +58,17 @@ def encode_sentences(
     device = next(model.parameters()).device
     order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i]))
     out: torch.Tensor | None = None
-    was_training = bool(getattr(model, "training", False))
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(order), max(1, batch_size)):
-                batch = order[start : start + max(1, batch_size)]
-                enc = tokenizer([sentences[i] for i in batch], padding=True, truncation=True,
-                                max_length=max_length, return_tensors="pt")
-                enc = {k: v.to(device) for k, v in enc.items()}
-                pooled = mean_pool(_last_hidden(model(**enc)), enc["attention_mask"]).float().cpu()
-                if out is None:
-                    out = torch.empty((len(sentences), pooled.shape[1]), dtype=torch.float32)
-                out[torch.tensor(batch)] = pooled
-                if progress is not None:
-                    progress(len(batch))
-    finally:
-        if was_training:
-            model.train()
+    with inference(model):
+        for batch in index_batches(order, batch_size):
+            enc = tokenizer([sentences[i] for i in batch], padding=True, truncation=True,
+                            max_length=max_length, return_tensors="pt")
+            enc = {k: v.to(device) for k, v in enc.items()}
+            pooled = mean_pool(_last_hidden(model(**enc)), enc["attention_mask"]).float().cpu()
+            if out is None:
+                out = torch.empty((len(sentences), pooled.shape[1]), dtype=torch.float32)
+            out[torch.tensor(list(batch))] = pooled
+            if progress is not None:
+                progress(len(batch))
     if out is None:
         raise ValueError("no sentences to encode")
     return out

@@ -50,7 +50,8 @@ from __future__ import annotations
 
 import re
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -486,6 +487,26 @@ def _chunk(items: list[Any], lengths: list[int], max_rows: int) -> list[list[Any
     if current:
         batches.append(current)
     return batches
+
+
+@contextmanager
+def inference(model: Any) -> Iterator[None]:
+    """The model in eval mode under ``torch.inference_mode``; its training flag is restored afterwards."""
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        if was_training:
+            model.train()
+
+
+def index_batches(order: Sequence[int], batch_size: int) -> Iterator[Sequence[int]]:
+    """``order`` in consecutive slices of ``batch_size`` (at least 1) items."""
+    step = max(1, batch_size)
+    for start in range(0, len(order), step):
+        yield order[start : start + step]
 
 
 def pad_token_id(tokenizer: Any) -> int:

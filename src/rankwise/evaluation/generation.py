@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from rankwise.evaluation.engine import max_model_length
+from rankwise.evaluation.engine import _select_cache, index_batches, inference, max_model_length, pad_token_id
 from rankwise.models.forward import cache_kwargs, output_cache
 
 Progress = Callable[[int], None]
@@ -43,21 +43,6 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
         elif isinstance(value, list | tuple):
             ids.update(int(v) for v in value)
     return ids
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            return int(value)
-    return 0
-
-
-def _select_rows(cache: Any, rows: torch.Tensor) -> Any:
-    if isinstance(cache, tuple):  # legacy tuple-of-(k, v) caches
-        return tuple(tuple(t.index_select(0, rows) for t in layer) for layer in cache)
-    cache.batch_select_indices(rows)
-    return cache
 
 
 def _generate_batch(
@@ -100,7 +85,7 @@ def _generate_batch(
             break
         if len(keep) < len(active):
             rows = torch.tensor(keep, dtype=torch.long, device=device)
-            cache = _select_rows(cache, rows)
+            cache = _select_cache(cache, rows, copy=False)
             mask, last, token = mask[rows], last[rows], token[rows]
             active = [active[r] for r in keep]
         mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
@@ -137,21 +122,14 @@ def greedy_generate(
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in {max_length} tokens")
     encoded = [list(tokenizer(p, verbose=False)["input_ids"])[-budget:] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), prompts[i]))
-    eos, pad_id = _eos_ids(model, tokenizer), _pad_id(tokenizer)
+    eos, pad_id = _eos_ids(model, tokenizer), pad_token_id(tokenizer)
     texts: list[str] = [""] * len(prompts)
-    was_training = bool(getattr(model, "training", False))
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(order), max(1, batch_size)):
-                batch = order[start : start + max(1, batch_size)]
-                outs = _generate_batch(model, tokenizer, [encoded[i] for i in batch], until, max_new_tokens,
-                                       eos, pad_id)
-                for i, toks in zip(batch, outs, strict=True):
-                    texts[i] = cut_at_stop(tokenizer.decode(toks, skip_special_tokens=True), until)
-                if progress is not None:
-                    progress(len(batch))
-    finally:
-        if was_training:
-            model.train()
+    with inference(model):
+        for batch in index_batches(order, batch_size):
+            outs = _generate_batch(model, tokenizer, [encoded[i] for i in batch], until, max_new_tokens,
+                                   eos, pad_id)
+            for i, toks in zip(batch, outs, strict=True):
+                texts[i] = cut_at_stop(tokenizer.decode(toks, skip_special_tokens=True), until)
+            if progress is not None:
+                progress(len(batch))
     return texts

@@ -9,6 +9,7 @@ lm-eval's task YAML, the split, the conversion of the file into the Hugging Face
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, ClassVar, Literal
 
 from rankwise.errors import DataError, RankwiseError
 from rankwise.evaluation.results import TaskResult
+from rankwise.evaluation.sampling import Subset, select
 from rankwise.settings import data_dir as default_data_dir
 
 TaskKind = Literal["loglikelihood", "perplexity", "generation", "embedding"]
@@ -57,9 +59,28 @@ class Task:
     kind: ClassVar[TaskKind]
     requires: ClassVar[str] = "causal-lm"
     description: ClassVar[str] = ""
+    #: Data files (relative to the data directory) the task reads; checked before any model runs.
+    files: ClassVar[tuple[str, ...]] = ()
 
-    def run(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:  # pragma: no cover
+    def required_files(self) -> tuple[str, ...]:
+        return self.files
+
+    def run(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
+        """:meth:`evaluate`, timed: ``seconds`` is the whole call unless the task timed its own part."""
+        start = time.perf_counter()
+        result = self.evaluate(model, tokenizer, options)
+        if result.seconds is None:
+            result.seconds = time.perf_counter() - start
+        return result
+
+    def evaluate(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:  # pragma: no cover
+        """The task's metrics on ``model`` (subclasses implement this; callers use :meth:`run`)."""
         raise NotImplementedError
+
+    @staticmethod
+    def subset(total: int, options: EvalOptions) -> Subset:
+        """Which of ``total`` items to evaluate under ``--limit``/``--sample``/``--seed``."""
+        return select(total, options.limit, options.sample, options.seed)
 
     def lm_eval_binding(self) -> LmEvalBinding | None:
         """lm-eval's version of this task on the local data; None where lm-eval has no such task here."""

@@ -6,6 +6,8 @@ choice labels (A-E or 1-5); test split, 0-shot; ``acc`` and ``acc_norm``.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from rankwise.errors import DataError
 from rankwise.evaluation.registry import EvalOptions, LmEvalBinding, Records, register_task
 from rankwise.evaluation.tasks.datafiles import read_jsonl
@@ -26,14 +28,19 @@ def arc_doc(row: dict, doc_id: int, where: str) -> MCDoc:
 
 
 class _Arc(MultipleChoiceTask):
-    folder: str
-    file: str
+    """An ARC set, declared by its ``title`` ("ARC-Easy"): the file is ``arc-easy/ARC-Easy-Test.jsonl``."""
 
-    def required_files(self) -> tuple[str, ...]:
-        return (f"{self.folder}/{self.file}",)
+    title: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        path = f"{cls.title.lower()}/{cls.title}-Test.jsonl"
+        cls.files = (path,)
+        cls.source = f"{cls.title} test ({path})"
+        cls.prompt_version = f"lm-eval 0.4.13 {cls.name} v1.0: 'Question: {{question}}\\nAnswer:' + ' ' + choice"
 
     def load_docs(self, options: EvalOptions, shots: int) -> list[MCDoc]:
-        path = self.data_path(options, f"{self.folder}/{self.file}")
+        path = self.data_path(options, self.files[0])
         return [arc_doc(row, i, f"{path} record {i}") for i, row in enumerate(read_jsonl(path))]
 
     def lm_eval_binding(self) -> LmEvalBinding:
@@ -41,7 +48,7 @@ class _Arc(MultipleChoiceTask):
 
     def lm_eval_records(self, options: EvalOptions) -> Records:
         """allenai/ai2_arc's layout: id, question, choices {text, label}, answerKey."""
-        rows = read_jsonl(self.data_path(options, f"{self.folder}/{self.file}"))
+        rows = read_jsonl(self.data_path(options, self.files[0]))
         return {"test": [{"id": r["id"], "question": r["question"]["stem"],
                           "choices": {"text": [c["text"] for c in r["question"]["choices"]],
                                       "label": [c["label"] for c in r["question"]["choices"]]},
@@ -51,16 +58,12 @@ class _Arc(MultipleChoiceTask):
 @register_task
 class ArcEasy(_Arc):
     name = "arc_easy"
+    title = "ARC-Easy"
     description = "ARC-Easy test, 4-5 way multiple choice science questions"
-    folder, file = "arc-easy", "ARC-Easy-Test.jsonl"
-    source = "ARC-Easy test (arc-easy/ARC-Easy-Test.jsonl)"
-    prompt_version = "lm-eval 0.4.13 arc_easy v1.0: 'Question: {question}\\nAnswer:' + ' ' + choice"
 
 
 @register_task
 class ArcChallenge(_Arc):
     name = "arc_challenge"
+    title = "ARC-Challenge"
     description = "ARC-Challenge test, harder science questions"
-    folder, file = "arc-challenge", "ARC-Challenge-Test.jsonl"
-    source = "ARC-Challenge test (arc-challenge/ARC-Challenge-Test.jsonl)"
-    prompt_version = "lm-eval 0.4.13 arc_challenge v1.0: 'Question: {question}\\nAnswer:' + ' ' + choice"

@@ -31,7 +31,6 @@ from rankwise.evaluation.generation import greedy_generate
 from rankwise.evaluation.progress import task_progress
 from rankwise.evaluation.registry import EvalOptions, Task, register_task
 from rankwise.evaluation.results import TaskResult, mean_stderr
-from rankwise.evaluation.sampling import select
 from rankwise.evaluation.tasks.datafiles import read_jsonl, require
 
 DEFAULT_SHOTS = 8
@@ -101,14 +100,11 @@ def exact_match(prediction: str, reference: str) -> float:
 class GSM8K(Task):
     name = "gsm8k"
     kind = "generation"
-    requires = "causal-lm"
     description = "GSM8K test, k-shot (default 8) greedy generation, exact match (strict / flexible), lm-eval 0.4.13"
+    files = ("gsm8k/test.jsonl", "gsm8k/train.jsonl")
     max_gen_toks: int = MAX_GEN_TOKS  # lm-eval's default; an instance may lower it (the protocol records it)
 
-    def required_files(self) -> tuple[str, ...]:
-        return ("gsm8k/test.jsonl", "gsm8k/train.jsonl")
-
-    def run(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
+    def evaluate(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
         shots = DEFAULT_SHOTS if options.shots is None else options.shots
         if shots < 0:
             raise RankwiseError(f"task gsm8k needs 0 or more shots, not {shots}")
@@ -117,7 +113,7 @@ class GSM8K(Task):
                                 f"{self.max_gen_toks} generated tokens), got {options.seq_len}")
         test = read_records(self.data_path(options, "gsm8k/test.jsonl"))
         train = read_records(self.data_path(options, "gsm8k/train.jsonl")) if shots > 0 else []
-        subset = select(len(test), options.limit, options.sample, options.seed)
+        subset = self.subset(len(test), options)
         # lm-eval draws exemplars item by item in evaluation order (a sampled subset: in its sorted order).
         draws = fewshot_draws(train, len(subset.indices), shots, options.seed)
         prompts = [build_prompt(test[i]["question"], ex) for i, ex in zip(subset.indices, draws, strict=True)]

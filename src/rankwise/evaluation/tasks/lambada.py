@@ -10,13 +10,11 @@ perplexity's standard error; rankwise uses the delta method, ``ppl * stderr(mean
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 from rankwise.errors import DataError
 from rankwise.evaluation.registry import EvalOptions, LmEvalBinding, Task, register_task
 from rankwise.evaluation.results import TaskResult, mean_stderr
-from rankwise.evaluation.sampling import select
 from rankwise.evaluation.tasks.datafiles import read_jsonl
 from rankwise.evaluation.tasks.multiple_choice import (
     ENGINE_NOTE,
@@ -38,18 +36,14 @@ def split_last_word(text: str) -> tuple[str, str]:
 class LambadaOpenAI(Task):
     name = "lambada_openai"
     kind = "loglikelihood"
-    requires = "causal-lm"
     description = "LAMBADA (OpenAI) test: predict a passage's last word"
-
-    def required_files(self) -> tuple[str, ...]:
-        return (RELATIVE_PATH,)
+    files = (RELATIVE_PATH,)
 
     def lm_eval_binding(self) -> LmEvalBinding:
         return LmEvalBinding("lambada/lambada_openai.yaml", "test", lambda options: {
             "test": [{"text": r["text"]} for r in read_jsonl(self.data_path(options, RELATIVE_PATH))]})
 
-    def run(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
-        start = time.perf_counter()
+    def evaluate(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
         if options.shots not in (None, 0):
             raise DataError(f"task {self.name} supports 0 shots here, not {options.shots}")
         path = self.data_path(options, RELATIVE_PATH)
@@ -57,7 +51,7 @@ class LambadaOpenAI(Task):
         for i, row in enumerate(rows):
             if not isinstance(row.get("text"), str):
                 raise DataError(f"{path} record {i}: expected a 'text' string")
-        subset = select(len(rows), options.limit, options.sample, options.seed)
+        subset = self.subset(len(rows), options)
         requests = [split_last_word(rows[i]["text"]) for i in subset.indices]
         results, strategy = score_requests(model, tokenizer, requests, options, self.name)
         lls = [r.logprob for r in results]
@@ -87,5 +81,5 @@ class LambadaOpenAI(Task):
         return TaskResult(
             task=self.name, metrics={"acc": acc, "perplexity": ppl},
             stderr={"acc": acc_se, "perplexity": None if ll_se is None else ppl * ll_se},
-            n=len(requests), protocol=protocol, samples=samples, seconds=time.perf_counter() - start,
+            n=len(requests), protocol=protocol, samples=samples,
         )

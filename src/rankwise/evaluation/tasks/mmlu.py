@@ -12,13 +12,11 @@ accuracy is the mean over all questions); standard errors are pooled the same wa
 
 from __future__ import annotations
 
-import time
 from typing import Any, ClassVar
 
 from rankwise.errors import DataError
 from rankwise.evaluation.registry import EvalOptions, LmEvalBinding, Records, register_task
 from rankwise.evaluation.results import TaskResult, pooled_stderr
-from rankwise.evaluation.sampling import select
 from rankwise.evaluation.tasks.datafiles import read_csv, require
 from rankwise.evaluation.tasks.multiple_choice import (
     MCDoc,
@@ -142,14 +140,13 @@ class _MMLU(MultipleChoiceTask):
             return tuple(f"mmlu_{s}" for s in self.subjects)
         return ()
 
-    def run(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
-        start = time.perf_counter()
+    def evaluate(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
         shots = self.resolve_shots(options)
         chosen: list[MCDoc] = []
         subsets = {}
         for subject in self.subjects:
             docs = subject_docs(options, subject, shots)
-            subsets[subject] = select(len(docs), options.limit, options.sample, options.seed)
+            subsets[subject] = self.subset(len(docs), options)
             chosen += [docs[i] for i in subsets[subject].indices]
         scored = score_docs(model, tokenizer, chosen, options, self.name)
         per_subject: dict[str, TaskResult] = {}
@@ -160,9 +157,7 @@ class _MMLU(MultipleChoiceTask):
             proto = self.protocol(shots, subsets[subject], scoring_strategy(model, tokenizer, options)) | {
                 "source": f"MMLU {subject} test (mmlu/test/{subject}_test.csv)"}
             per_subject[subject] = summarize(f"mmlu_{subject}", per_doc, self.metric_names, proto, samples)
-        result = self._combine(per_subject, shots, options, scoring_strategy(model, tokenizer, options))
-        result.seconds = time.perf_counter() - start
-        return result
+        return self._combine(per_subject, shots, options, scoring_strategy(model, tokenizer, options))
 
     def _combine(self, per_subject: dict[str, TaskResult], shots: int, options: EvalOptions,
                  strategy: Any) -> TaskResult:

@@ -14,7 +14,6 @@ each reported as a mean over the documents with the standard error of the mean, 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -24,7 +23,7 @@ from rankwise.evaluation import engine
 from rankwise.evaluation.progress import task_progress
 from rankwise.evaluation.registry import EvalOptions, Task
 from rankwise.evaluation.results import TaskResult, mean_stderr
-from rankwise.evaluation.sampling import Subset, select
+from rankwise.evaluation.sampling import Subset
 
 #: What each metric means; copied into every result's protocol so numbers are never unlabelled.
 METRIC_DEFINITIONS: dict[str, str] = {
@@ -182,11 +181,6 @@ class MultipleChoiceTask(Task):
     max_shots: ClassVar[int] = 0
     shots_note: ClassVar[str] = ""
     metric_notes: ClassVar[dict[str, str]] = {}
-    #: Data files (relative to the data directory) the task reads; checked before any model runs.
-    files: ClassVar[tuple[str, ...]] = ()
-
-    def required_files(self) -> tuple[str, ...]:
-        return self.files
 
     def load_docs(self, options: EvalOptions, shots: int) -> list[MCDoc]:  # pragma: no cover
         raise NotImplementedError
@@ -212,18 +206,15 @@ class MultipleChoiceTask(Task):
             **(strategy_protocol(strategy) if strategy is not None else {}),
         }
 
-    def run(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
-        start = time.perf_counter()
+    def evaluate(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
         shots = self.resolve_shots(options)
         docs = self.load_docs(options, shots)
-        subset = select(len(docs), options.limit, options.sample, options.seed)
+        subset = self.subset(len(docs), options)
         chosen = [docs[i] for i in subset.indices]
         scored = score_docs(model, tokenizer, chosen, options, self.name)
         per_doc = [self.doc_metrics(s) for s in scored]
         samples = [sample_record(s, m, options.log_samples) for s, m in zip(scored, per_doc, strict=True)]
         protocol = self.protocol(shots, subset, scoring_strategy(model, tokenizer, options))
-        result = summarize(self.name, per_doc, self.metric_names, protocol, samples)
-        result.seconds = time.perf_counter() - start
-        return result
+        return summarize(self.name, per_doc, self.metric_names, protocol, samples)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from rankwise.evaluation.embeddings import encode_sentences, encoder_max_length
 from rankwise.evaluation.progress import task_progress
 from rankwise.evaluation.registry import EvalOptions, Task, register_task
 from rankwise.evaluation.results import TaskResult
-from rankwise.evaluation.sampling import select
 
 DATA_FILE = "stsb/sts-test.tsv"
 
@@ -72,14 +70,11 @@ class STSB(Task):
     kind = "embedding"
     requires = "encoder"
     description = "STS Benchmark test: Spearman/Pearson of mean-pooled cosine similarity vs gold (encoders)"
+    files = (DATA_FILE,)
 
-    def required_files(self) -> tuple[str, ...]:
-        return (DATA_FILE,)
-
-    def run(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
-        start = time.perf_counter()
+    def evaluate(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
         pairs = read_pairs(self.data_path(options, DATA_FILE))
-        subset = select(len(pairs), options.limit, options.sample, options.seed)
+        subset = self.subset(len(pairs), options)
         chosen = [pairs[i] for i in subset.indices]
         sentences = sorted({s for a, b, _ in chosen for s in (a, b)})
         row = {s: i for i, s in enumerate(sentences)}
@@ -116,5 +111,4 @@ class STSB(Task):
                 "stderr": "Fisher z delta method (Spearman: Bonett-Wright variance (1 + r^2/2)/(n-3))",
             },
             samples=samples,
-            seconds=time.perf_counter() - start,
         )

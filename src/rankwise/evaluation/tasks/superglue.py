@@ -4,23 +4,62 @@ RTE is registered as ``rte`` (the name most papers use; lm-eval's GLUE ``rte`` h
 and 277 validation pairs as its SuperGLUE ``sglue_rte``) and also as ``sglue_rte``. WSC follows lm-eval's
 ``wsc`` task, which reads the ``wsc.fixed`` configuration: :func:`fix_wsc_spans` applies the same span fixes
 to the original release file. All three report ``acc`` only, as lm-eval does.
+
+:class:`SuperGlueTask` is what these tasks (and BoolQ) share: one validation JSONL file whose rows are
+checked and converted once into the records of lm-eval's dataset, and a document built from each record.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from pathlib import PurePosixPath
+from typing import Any, ClassVar
 
 from rankwise.errors import DataError
-from rankwise.evaluation.registry import EvalOptions, LmEvalBinding, Records, register_task
-from rankwise.evaluation.tasks.boolq import parse_bool
+from rankwise.evaluation.registry import EvalOptions, LmEvalBinding, register_task
 from rankwise.evaluation.tasks.datafiles import read_jsonl, require
 from rankwise.evaluation.tasks.multiple_choice import MCDoc, MultipleChoiceTask
 
 
-def _rows(task: MultipleChoiceTask, options: EvalOptions, folder: str) -> tuple[Any, list[dict]]:
-    path = task.data_path(options, f"superglue/{folder}/val.jsonl")
-    return path, read_jsonl(path)
+def parse_bool(value: object, where: str) -> bool:
+    """SuperGLUE labels come as JSON booleans or the strings "true"/"false"."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise DataError(f"{where}: label must be true or false, got {value!r}")
+
+
+class SuperGlueTask(MultipleChoiceTask):
+    """A validation-split task read from one JSONL file (``files[0]``): each row becomes a record in the
+    layout of lm-eval's dataset (:meth:`record`, which also checks it), each record one document (:meth:`doc`)."""
+
+    metric_names = ("acc",)
+    #: Fields every row must have (checked before :meth:`record`).
+    fields: ClassVar[tuple[str, ...]] = ()
+
+    def record(self, row: dict[str, Any], where: str) -> dict[str, Any]:  # pragma: no cover
+        raise NotImplementedError
+
+    def doc(self, record: dict[str, Any], doc_id: int) -> MCDoc:  # pragma: no cover
+        raise NotImplementedError
+
+    def records(self, options: EvalOptions) -> list[dict[str, Any]]:
+        path = self.data_path(options, self.files[0])
+        out = []
+        for i, row in enumerate(read_jsonl(path)):
+            require(row, self.fields, f"{path} record {i}")
+            out.append(self.record(row, f"{path} record {i}"))
+        return out
+
+    def lm_eval_binding(self) -> LmEvalBinding:
+        """lm-eval's ``super_glue/<set>/default.yaml``, the set named by the data file's folder."""
+        folder = PurePosixPath(self.files[0]).parent.name.lower()
+        return LmEvalBinding(f"super_glue/{folder}/default.yaml", "validation",
+                             lambda options: {"validation": self.records(options)})
+
+    def load_docs(self, options: EvalOptions, shots: int) -> list[MCDoc]:
+        return [self.doc(record, i) for i, record in enumerate(self.records(options))]
 
 
 # ------------------------------------------------------------------------------------------------- COPA
@@ -40,60 +79,47 @@ def copa_doc(row: dict[str, Any], doc_id: int) -> MCDoc:
 
 
 @register_task
-class Copa(MultipleChoiceTask):
+class Copa(SuperGlueTask):
     name = "copa"
+    fields = ("premise", "choice1", "choice2", "question", "label")
     files = ("superglue/COPA/val.jsonl",)
     description = "SuperGLUE COPA validation: choose the cause or effect"
-    metric_names = ("acc",)
     source = "SuperGLUE COPA validation, 100 items (superglue/COPA/val.jsonl)"
     prompt_version = "lm-eval 0.4.13 copa v1.0: premise[:-1] + ' because'/' therefore' + '  ' + choice"
 
-    def lm_eval_binding(self) -> LmEvalBinding:
-        return LmEvalBinding("super_glue/copa/default.yaml", "validation",
-                             lambda options: {"validation": _rows(self, options, "COPA")[1]})
+    def record(self, row: dict[str, Any], where: str) -> dict[str, Any]:
+        if row["question"] not in ("cause", "effect") or row["label"] not in (0, 1):
+            raise DataError(f"{where}: question must be cause/effect and label 0/1")
+        return row
 
-    def load_docs(self, options: EvalOptions, shots: int) -> list[MCDoc]:
-        path, rows = _rows(self, options, "COPA")
-        docs = []
-        for i, row in enumerate(rows):
-            require(row, ("premise", "choice1", "choice2", "question", "label"), f"{path} record {i}")
-            if row["question"] not in ("cause", "effect") or row["label"] not in (0, 1):
-                raise DataError(f"{path} record {i}: question must be cause/effect and label 0/1")
-            docs.append(copa_doc(row, i))
-        return docs
+    def doc(self, record: dict[str, Any], doc_id: int) -> MCDoc:
+        return copa_doc(record, doc_id)
 
 
 # ------------------------------------------------------------------------------------------------- RTE
 
 
+RTE_LABELS = {"entailment": 0, "not_entailment": 1}
+
+
 @register_task
-class Rte(MultipleChoiceTask):
+class Rte(SuperGlueTask):
     name = "rte"
+    fields = ("premise", "hypothesis", "label")
     files = ("superglue/RTE/val.jsonl",)
     description = "RTE (SuperGLUE/GLUE) validation: does the premise entail the hypothesis?"
-    metric_names = ("acc",)
     source = "RTE validation, 277 pairs (superglue/RTE/val.jsonl; same pairs as GLUE RTE dev)"
     prompt_version = "lm-eval 0.4.13 sglue_rte v0.0 / rte v1.0: '{premise}\\nQuestion: {hypothesis} True or False?\\nAnswer:'"
 
-    def lm_eval_binding(self) -> LmEvalBinding:
-        return LmEvalBinding("super_glue/rte/default.yaml", "validation", self.lm_eval_records)
+    def record(self, row: dict[str, Any], where: str) -> dict[str, Any]:
+        if row["label"] not in RTE_LABELS:
+            raise DataError(f"{where}: label must be entailment or not_entailment")
+        return {"premise": row["premise"], "hypothesis": row["hypothesis"], "label": RTE_LABELS[row["label"]],
+                "idx": row.get("idx")}
 
-    def lm_eval_records(self, options: EvalOptions) -> Records:
-        labels = {"entailment": 0, "not_entailment": 1}
-        return {"validation": [{"premise": r["premise"], "hypothesis": r["hypothesis"], "label": labels[r["label"]],
-                                "idx": r.get("idx")} for r in _rows(self, options, "RTE")[1]]}
-
-    def load_docs(self, options: EvalOptions, shots: int) -> list[MCDoc]:
-        path, rows = _rows(self, options, "RTE")
-        labels = {"entailment": 0, "not_entailment": 1}
-        docs = []
-        for i, row in enumerate(rows):
-            require(row, ("premise", "hypothesis", "label"), f"{path} record {i}")
-            if row["label"] not in labels:
-                raise DataError(f"{path} record {i}: label must be entailment or not_entailment")
-            docs.append(MCDoc(i, f"{row['premise']}\nQuestion: {row['hypothesis']} True or False?\nAnswer:",
-                              ["True", "False"], labels[row["label"]], meta={"idx": row.get("idx")}))
-        return docs
+    def doc(self, record: dict[str, Any], doc_id: int) -> MCDoc:
+        return MCDoc(doc_id, f"{record['premise']}\nQuestion: {record['hypothesis']} True or False?\nAnswer:",
+                     ["True", "False"], record["label"], meta={"idx": record["idx"]})
 
 
 @register_task
@@ -155,25 +181,15 @@ def wsc_record(row: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 @register_task
-class Wsc(MultipleChoiceTask):
+class Wsc(SuperGlueTask):
     name = "wsc"
     files = ("superglue/WSC/val.jsonl",)
     description = "SuperGLUE WSC validation: does the pronoun refer to the noun?"
-    metric_names = ("acc",)
     source = "SuperGLUE WSC validation, 104 items (superglue/WSC/val.jsonl, wsc.fixed span corrections)"
     prompt_version = "lm-eval 0.4.13 wsc v1.0 (wsc.fixed): starred pronoun passage + yes/no question"
 
-    def lm_eval_binding(self) -> LmEvalBinding:
-        return LmEvalBinding("super_glue/wsc/default.yaml", "validation", self.lm_eval_records)
+    def record(self, row: dict[str, Any], where: str) -> dict[str, Any]:
+        return wsc_record(row, where)
 
-    def lm_eval_records(self, options: EvalOptions) -> Records:
-        path, rows = _rows(self, options, "WSC")
-        return {"validation": [wsc_record(r, f"{path} record {i}") for i, r in enumerate(rows)]}
-
-    def load_docs(self, options: EvalOptions, shots: int) -> list[MCDoc]:
-        path, rows = _rows(self, options, "WSC")
-        docs = []
-        for i, row in enumerate(rows):
-            ex = wsc_record(row, f"{path} record {i}")
-            docs.append(MCDoc(i, wsc_text(ex), ["no", "yes"], ex["label"], meta={"idx": ex["idx"]}))
-        return docs
+    def doc(self, record: dict[str, Any], doc_id: int) -> MCDoc:
+        return MCDoc(doc_id, wsc_text(record), ["no", "yes"], record["label"], meta={"idx": record["idx"]})

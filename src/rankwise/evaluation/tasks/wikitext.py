@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,6 @@ from rankwise.evaluation.perplexity import (
 from rankwise.evaluation.progress import task_progress
 from rankwise.evaluation.registry import EvalOptions, Task, register_task
 from rankwise.evaluation.results import TaskResult
-from rankwise.evaluation.sampling import select
 
 DATA_FILE = "wikitext-2-raw/wiki.test.raw"
 DEFAULT_SEQ_LEN = 2048
@@ -125,14 +123,10 @@ def ratio_stderr(numerators: Sequence[float], denominators: Sequence[float]) -> 
 class WikitextToken(Task):
     name = "wikitext_token"
     kind = "perplexity"
-    requires = "causal-lm"
     description = "WikiText-2 raw test, token-level perplexity in non-overlapping seq-len windows (GPTQ/SVD-LLM)"
+    files = (DATA_FILE,)
 
-    def required_files(self) -> tuple[str, ...]:
-        return (DATA_FILE,)
-
-    def run(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
-        start = time.perf_counter()
+    def evaluate(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
         seq_len = options.seq_len or DEFAULT_SEQ_LEN
         if seq_len < 2:
             raise RankwiseError(f"wikitext_token needs --seq-len of at least 2 tokens, got {seq_len}")
@@ -141,7 +135,7 @@ class WikitextToken(Task):
         windows = token_windows(ids, seq_len)
         if not windows:
             raise DataError(f"{DATA_FILE} has {len(ids)} tokens, fewer than one window of {seq_len}")
-        subset = select(len(windows), options.limit, options.sample, options.seed)
+        subset = self.subset(len(windows), options)
         chosen = [windows[i] for i in subset.indices]
         with task_progress(self.name, len(chosen), options.progress) as advance:
             logprobs = score_windows(model, chosen, batch_size=options.batch_size,
@@ -172,7 +166,6 @@ class WikitextToken(Task):
                 "stderr": "over windows: std of per-window mean NLL / sqrt(windows); perplexity by the delta method",
             },
             samples=samples,
-            seconds=time.perf_counter() - start,
         )
 
 
@@ -180,19 +173,15 @@ class WikitextToken(Task):
 class Wikitext(Task):
     name = "wikitext"
     kind = "perplexity"
-    requires = "causal-lm"
     description = "WikiText-2 raw test as lm-eval's wikitext: rolling log-likelihood of 62 documents, word/byte ppl"
+    files = (DATA_FILE,)
 
-    def required_files(self) -> tuple[str, ...]:
-        return (DATA_FILE,)
-
-    def run(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
-        start = time.perf_counter()
+    def evaluate(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
         max_len = options.seq_len or max_model_length(model, tokenizer)
         if max_len < 1:
             raise RankwiseError(f"wikitext needs --seq-len of at least 1 token, got {max_len}")
         pages = split_documents(read_raw(self.data_path(options, DATA_FILE)))
-        subset = select(len(pages), options.limit, options.sample, options.seed)
+        subset = self.subset(len(pages), options)
         encoder = PairEncoder(tokenizer)
         prefix = prefix_token_id(tokenizer)
         windows, owner = [], []
@@ -250,5 +239,4 @@ class Wikitext(Task):
                 "stderr": "over documents: ratio-estimator delta method (lm-eval reports none for these)",
             },
             samples=samples,
-            seconds=time.perf_counter() - start,
         )

@@ -14,14 +14,12 @@ here (public copies are Git LFS pointers): a user who has the file places it the
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 from rankwise.errors import DataError, RankwiseError
 from rankwise.evaluation.registry import EvalOptions, Task, register_task
 from rankwise.evaluation.results import TaskResult, mean_stderr
-from rankwise.evaluation.sampling import select
 from rankwise.evaluation.tasks.datafiles import read_jsonl, require
 from rankwise.evaluation.tasks.multiple_choice import argmax, score_requests, strategy_protocol
 
@@ -58,18 +56,14 @@ def partial_requests(sentence: str, options: tuple[str, str]) -> list[tuple[str,
 class WinoGrande(Task):
     name = "winogrande"
     kind = "loglikelihood"
-    requires = "causal-lm"
     description = "WinoGrande dev (xl validation), zero-shot acc, partial scoring as lm-eval 0.4.13"
+    files = (DATA_FILE,)
 
-    def required_files(self) -> tuple[str, ...]:
-        return (DATA_FILE,)
-
-    def run(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
-        start = time.perf_counter()
+    def evaluate(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
         if options.shots:
             raise RankwiseError("task winogrande supports 0 shots here (few-shot needs the train split)")
         records = read_records(self.data_path(options, DATA_FILE))
-        subset = select(len(records), options.limit, options.sample, options.seed)
+        subset = self.subset(len(records), options)
         chosen = [records[i] for i in subset.indices]
         requests = [req for r in chosen for req in partial_requests(r["sentence"], (r["option1"], r["option2"]))]
         results, strategy = score_requests(model, tokenizer, requests, options, self.name)
@@ -102,5 +96,4 @@ class WinoGrande(Task):
                 **strategy_protocol(strategy),
             },
             samples=samples,
-            seconds=time.perf_counter() - start,
         )
