@@ -209,16 +209,26 @@ def choice_table(problem: Problem) -> list[list[tuple[Choice, int, float]]]:
     return table
 
 
+class PredictedLossAllocator(Allocator):
+    """An allocator over the per-target option table (:func:`choice_table`) of predicted losses."""
+
+    needs = frozenset({"predict"})
+
+    def choose(self, problem: Problem) -> Allocation:
+        return self.choose_from(problem, choice_table(problem))
+
+    def choose_from(self, problem: Problem, table: list[list[tuple[Choice, int, float]]]) -> Allocation:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+
 @register_allocator
-class Greedy(Allocator):
+class Greedy(PredictedLossAllocator):
     """Marginal-gain greedy: upgrade the target with the best predicted-loss drop per parameter that fits."""
 
     name = "greedy"
-    needs = frozenset({"predict"})
     summary = "greedy upgrades by predicted loss drop per parameter (fast, not always optimal)"
 
-    def choose(self, problem: Problem) -> Allocation:
-        table = choice_table(problem)
+    def choose_from(self, problem: Problem, table: list[list[tuple[Choice, int, float]]]) -> Allocation:
         pos = [0] * len(table)
         spent = sum(opts[0][1] for opts in table)
         heap: list[tuple[float, int, int]] = []
@@ -294,15 +304,13 @@ def backtrack(picks: Sequence[np.ndarray], costs: Sequence[Sequence[int]], c: in
 
 
 @register_allocator
-class Knapsack(Allocator):
+class Knapsack(PredictedLossAllocator):
     """Exact multiple-choice knapsack (DP) minimizing the summed predicted loss under the cap."""
 
     name = "knapsack"
-    needs = frozenset({"predict"})
     summary = "exact DP minimizing summed predicted loss under the budget (targets may stay dense)"
 
-    def choose(self, problem: Problem) -> Allocation:
-        table = choice_table(problem)
+    def choose_from(self, problem: Problem, table: list[list[tuple[Choice, int, float]]]) -> Allocation:
         dp, picks, costs, unit = knapsack_dp(table, problem.cap, problem.max_units)
         C = len(dp) - 1
         if not math.isfinite(dp[C]):
@@ -315,16 +323,15 @@ class Knapsack(Allocator):
 
 
 @register_allocator
-class TargetLoss(Allocator):
+class TargetLoss(PredictedLossAllocator):
     """ASVD's mode: the smallest plan whose summed predicted loss is <= ``max_loss`` (within the cap)."""
 
     name = "target"
     needs = frozenset({"predict", "max_loss"})
     summary = "smallest model whose predicted proxy loss stays under --max-loss (binary search, ASVD-style)"
 
-    def choose(self, problem: Problem) -> Allocation:
+    def choose_from(self, problem: Problem, table: list[list[tuple[Choice, int, float]]]) -> Allocation:
         assert problem.max_loss is not None
-        table = choice_table(problem)
         dp, picks, costs, unit = knapsack_dp(table, problem.cap, problem.max_units)
         # dp is non-increasing in c: binary search for the smallest c with dp[c] <= max_loss
         lo, hi = 0, len(dp) - 1
