@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from rankwise.errors import RankwiseError
+from rankwise.fileio import JsonRecord
 from rankwise.settings import cache_dir
 
 #: Cache kinds (sub-folders of the cache folder) and what they hold.
@@ -50,7 +51,7 @@ def written_by_rankwise(kind: str, name: str) -> bool:
 
 
 @dataclass(frozen=True)
-class CacheUsage:
+class CacheUsage(JsonRecord):
     """One kind of cached data: where it is, how many files, how many bytes."""
 
     kind: str
@@ -58,9 +59,6 @@ class CacheUsage:
     files: int
     bytes: int
     description: str
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 def _usage(path: Path) -> tuple[int, int]:

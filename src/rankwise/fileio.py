@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -124,6 +125,14 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     return obj
+
+
+class JsonRecord:
+    """Mixin for a dataclass whose fields are JSON values: :meth:`to_dict` is what reports and caches write."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields by name (nested dataclasses as dicts), tuples as the lists JSON has."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}  # type: ignore[call-overload]
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:

@@ -13,12 +13,14 @@ re-inject (PEFT-style): see :mod:`rankwise.checkpoint`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from rankwise.fileio import JsonRecord
 
 Form = Literal["three_factor", "two_factor"]
 Layout = Literal["row", "col"]
@@ -47,7 +49,7 @@ def relayout_(linear: nn.Linear, layout: Layout) -> None:
 
 
 @dataclass(frozen=True)
-class FactorizedShape:
+class FactorizedShape(JsonRecord):
     """Everything needed to rebuild an empty :class:`FactorizedLinear` before loading its weights."""
 
     in_features: int
@@ -56,9 +58,6 @@ class FactorizedShape:
     rank_in: int  # r2: columns of B
     form: Form
     bias: bool
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
 
     @property
     def factor_shapes(self) -> dict[str, tuple[int, int]]:

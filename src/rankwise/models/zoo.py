@@ -15,14 +15,14 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rankwise.errors import ModelLoadError, first_line
-from rankwise.fileio import remove_stale, write_text_atomic
+from rankwise.fileio import JsonRecord, remove_stale, write_text_atomic
 from rankwise.layers.modules import QUANT_METHOD
 from rankwise.models.bundled import BUNDLED
 from rankwise.models.integrity import (
@@ -47,7 +47,7 @@ _CACHE_DONE = "rankwise-source.json"
 
 
 @dataclass(frozen=True)
-class ModelInfo:
+class ModelInfo(JsonRecord):
     """What a user needs to know about a loaded model, printable and JSON-serialisable."""
 
     name: str
@@ -59,9 +59,6 @@ class ModelInfo:
     n_params: int
     n_layers: int
     hidden_size: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
