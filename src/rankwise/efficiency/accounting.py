@@ -25,6 +25,7 @@ from typing import Any
 from torch import nn
 
 from rankwise.errors import RankwiseError
+from rankwise.fileio import JsonRecord
 from rankwise.models.adapters import ArchitectureAdapter, adapter_for
 
 
@@ -46,24 +47,24 @@ class ParamRow:
 
 
 @dataclass(frozen=True)
-class TargetSize:
-    """One decomposable target as it is now: dense or factorized, with its parameter counts."""
+class TargetRecord(JsonRecord):
+    """Which decomposable target a record is about; :meth:`to_dict` writes its shape (and ranks) as lists."""
 
     layer: int
     role: str
     name: str
     shape: tuple[int, int]  # (out_features, in_features)
+
+
+@dataclass(frozen=True)
+class TargetSize(TargetRecord):
+    """One decomposable target as it is now: dense or factorized, with its parameter counts."""
+
     form: str  # "dense", "three_factor" or "two_factor"
     ranks: tuple[int, int] | None  # (r1, r2) of a factorized layer
     params: int
     dense_params: int  # out*in (+bias): what the dense Linear has
     nbytes: int
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["shape"] = list(self.shape)
-        out["ranks"] = list(self.ranks) if self.ranks else None
-        return out
 
 
 @dataclass

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rankwise.efficiency.accounting import TargetRecord
 from rankwise.efficiency.microbench import (  # noqa: F401  (re-exported: the module's public names before the split)
     DEFAULT_TOKENS,
     FORMS,
@@ -62,14 +63,10 @@ EXECUTION_ATTR = "_rankwise_execution"
 
 
 # --- the report -----------------------------------------------------------------------------------------
-@dataclass
-class TargetChoice:
+@dataclass(frozen=True)
+class TargetChoice(TargetRecord):
     """How one target executes now, and the measurements behind the choice."""
 
-    layer: int
-    role: str
-    name: str
-    shape: tuple[int, int]  # (out, in)
     original_form: str  # "three_factor", "two_factor" or "dense"
     ranks: tuple[int, int] | None
     form: str  # the form it executes in now
@@ -87,11 +84,7 @@ class TargetChoice:
         return row["dense"] / row[self.form]
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["shape"] = list(self.shape)
-        out["ranks"] = list(self.ranks) if self.ranks else None
-        out["timings_us"] = {str(t): v for t, v in self.timings_us.items()}
-        return out
+        return {**super().to_dict(), "timings_us": {str(t): v for t, v in self.timings_us.items()}}
 
 
 @dataclass
@@ -346,20 +339,20 @@ def decode_guard(model: nn.Module, choices: list[TargetChoice], reference: nn.Mo
         ratio = max(min(v["decomposed"] / v["dense"], v["decomposed_min"] / v["dense_min"])
                     for v in per_batch.values())
         allowance = max([tolerance] + [v["noise"] for v in per_batch.values()])
-        live = [c for c in choices if c.form in ("three_factor", "two_factor")]
+        live = [i for i, c in enumerate(choices) if c.form in ("three_factor", "two_factor")]
         rounds.append(GuardRound(round=r, ratio=ratio, per_batch=per_batch, factorized_targets=len(live),
                                  allowance=allowance))
         if ratio <= 1.0 + allowance or not live:
             break
-        t_small = min(live[0].timings_us) if live[0].timings_us else 1
-        live.sort(key=lambda c: c.speedup_at(t_small) or 0.0)
-        for c in live[: math.ceil(len(live) / 2)]:
-            module = adapter.linear(c.layer, c.role)
-            merged = module.merge()
+        first = choices[live[0]].timings_us
+        t_small = min(first) if first else 1
+        live.sort(key=lambda i: choices[i].speedup_at(t_small) or 0.0)
+        for i in live[: math.ceil(len(live) / 2)]:
+            c = choices[i]
+            merged = adapter.linear(c.layer, c.role).merge()
             adapter.replace(c.layer, c.role, merged)
-            c.form = "dense"
-            c.reason = (f"merged by the end-to-end guard (decode was {ratio:.2f}x dense time in round {r}; "
-                        f"micro-benchmark: {c.reason})")
-            c.params_after = _params(merged)
+            choices[i] = replace(c, form="dense", params_after=_params(merged),
+                                 reason=f"merged by the end-to-end guard (decode was {ratio:.2f}x dense time in "
+                                        f"round {r}; micro-benchmark: {c.reason})")
             rounds[-1].merged_after.append(c.name)
     return rounds
