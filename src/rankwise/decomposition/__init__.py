@@ -2,8 +2,9 @@
 
 Importing this package imports every method module, which registers each method by name; look methods up
 with :func:`get_method` (``get_method("asvd", alpha=0.25)``: each method's settings are a frozen config
-dataclass, its ``config_class``). To add a method, write one class in one new module (subclass
-:class:`DecompositionMethod`, decorate with :func:`register_method`) and import it below.
+dataclass, its ``config_class``). To add a method, write one class in one new module (a subclass of
+:class:`DecompositionMethod` with a ``name`` registers itself; :func:`register_method` re-registers one by
+hand) and import it below.
 """
 
 from rankwise.decomposition import asvd, fwsvd, svd, svd_llm, tucker

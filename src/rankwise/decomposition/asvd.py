@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rankwise.decomposition.base import CalibrationStats, SolverConfig, register_method, setting, stats_field
+from rankwise.decomposition.base import SolverConfig, setting
 from rankwise.decomposition.scaled import ScaledSVDMethod, Scaling, clamped_scales
 from rankwise.errors import DecompositionError
 
@@ -37,17 +37,10 @@ class ASVDConfig(SolverConfig):
     alpha: float = setting(0.5, "a number in (0, 1]", lambda v: 0 < v <= 1)
 
 
-@register_method
-class ASVD(ScaledSVDMethod):
+class ASVD(ScaledSVDMethod[ASVDConfig], name="asvd", statistic="act_abs_mean", error_name="scaled_error",
+           summary="activation-aware SVD (input channels scaled by mean|x|^alpha, alpha 0.5; needs act_abs_mean)"):
     """SVD of W·diag(mean|x|^α), unscaled into the right factor; two factors of rank r."""
 
-    name = "asvd"
-    needs = frozenset({"act_abs_mean"})
-    summary = "activation-aware SVD (input channels scaled by mean|x|^alpha, alpha 0.5; needs act_abs_mean)"
-    error_name = "scaled_error"
-    config_class = ASVDConfig
-    config: ASVDConfig
-
-    def scaling(self, W: torch.Tensor, stats: CalibrationStats, fallbacks: list[str]) -> Scaling:
-        s = channel_scales(stats_field(stats, "act_abs_mean", W), W.shape[1], self.config.alpha, fallbacks)
+    def scaling(self, W: torch.Tensor, act_abs_mean: torch.Tensor, fallbacks: list[str]) -> Scaling:
+        s = channel_scales(act_abs_mean, W.shape[1], self.config.alpha, fallbacks)
         return Scaling(W * s.to(torch.float32), unscale_right=lambda B: B / s[:, None])

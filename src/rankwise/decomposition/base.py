@@ -24,7 +24,7 @@ import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, ClassVar, Generic, Literal, Self, TypeVar
 
 import torch
 
@@ -176,11 +176,17 @@ class SolverConfig(MethodConfig):
     oversample: int = setting(KRYLOV_OVERSAMPLE, "an integer >= 0", lambda v: v >= 0)  # Krylov block = r + this
 
 
-class DecompositionMethod(ABC):
-    """One way of factorizing a weight; subclasses set ``name`` and register with :func:`register_method`.
+C = TypeVar("C", bound=MethodConfig)
 
-    An instance carries its settings in ``config`` (an instance of the class's ``config_class``):
-    ``ASVD(alpha=0.25)``, ``ASVD(ASVDConfig(alpha=0.25))`` and ``get_method("asvd", alpha=0.25)`` agree.
+
+class DecompositionMethod(ABC, Generic[C]):
+    """One way of factorizing a weight; a subclass with a ``name`` registers itself (:func:`register_method`).
+
+    The class attributes below can be given as class keywords, and the settings type as the type argument:
+    ``class ASVD(ScaledSVDMethod[ASVDConfig], name="asvd", summary="...")`` sets ``name``, ``summary`` and
+    ``config_class = ASVDConfig``. An instance carries its settings in ``config`` (an instance of the class's
+    ``config_class``): ``ASVD(alpha=0.25)``, ``ASVD(ASVDConfig(alpha=0.25))`` and ``get_method("asvd",
+    alpha=0.25)`` agree.
     """
 
     name: ClassVar[str]
@@ -188,6 +194,20 @@ class DecompositionMethod(ABC):
     form: ClassVar[Form] = "two_factor"  # "three_factor": params r1·m + r1·r2 + r2·n; "two_factor": r·(m + n)
     summary: ClassVar[str] = ""  # one line for listings
     config_class: ClassVar[type[MethodConfig]] = MethodConfig  # the settings it takes
+    config: C
+
+    def __init_subclass__(cls, **declared: Any) -> None:
+        for key, value in declared.items():
+            if not any(key in vars(c).get("__annotations__", {}) for c in cls.__mro__):
+                raise TypeError(f"{cls.__name__}: unknown class keyword '{key}'")
+            setattr(cls, key, value)
+        super().__init_subclass__()
+        for base in vars(cls).get("__orig_bases__", ()):
+            args = typing.get_args(base)
+            if args and isinstance(args[0], type) and issubclass(args[0], MethodConfig):
+                cls.config_class = args[0]
+        if "name" in vars(cls):
+            register_method(cls)
 
     def __init__(self, config: MethodConfig | None = None, **settings: Any) -> None:
         if config is None:

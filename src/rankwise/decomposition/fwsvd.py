@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from rankwise.decomposition.base import CalibrationStats, register_method, stats_field
+from rankwise.decomposition.base import SolverConfig
 from rankwise.decomposition.scaled import ScaledSVDMethod, Scaling, clamped_scales
 from rankwise.errors import DecompositionError
 
@@ -32,15 +32,10 @@ def row_weights(fisher: torch.Tensor, m: int, fallbacks: list[str] | None = None
                           "fisher information is all zero (no gradient reached this layer)", fallbacks)
 
 
-@register_method
-class FWSVD(ScaledSVDMethod):
+class FWSVD(ScaledSVDMethod[SolverConfig], name="fwsvd", statistic="fisher", error_name="fisher_weighted_error",
+            summary="Fisher-weighted SVD (rows weighted by sqrt of summed squared gradients; needs fisher)"):
     """SVD of diag(I)·W with Fisher row weights I, unweighted into the left factor; two factors of rank r."""
 
-    name = "fwsvd"
-    needs = frozenset({"fisher"})
-    summary = "Fisher-weighted SVD (rows weighted by sqrt of summed squared gradients; needs fisher)"
-    error_name = "fisher_weighted_error"
-
-    def scaling(self, W: torch.Tensor, stats: CalibrationStats, fallbacks: list[str]) -> Scaling:
-        w = row_weights(stats_field(stats, "fisher", W), W.shape[0], fallbacks)
+    def scaling(self, W: torch.Tensor, fisher: torch.Tensor, fallbacks: list[str]) -> Scaling:
+        w = row_weights(fisher, W.shape[0], fallbacks)
         return Scaling(W * w.to(torch.float32)[:, None], unscale_left=lambda A: A / w[:, None])

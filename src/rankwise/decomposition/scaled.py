@@ -15,7 +15,7 @@ import logging
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -28,6 +28,7 @@ from rankwise.decomposition.base import (
     Rank,
     SolverConfig,
     check_weight,
+    stats_field,
 )
 from rankwise.decomposition.solvers import KRYLOV_OVERSAMPLE, truncated_svd
 from rankwise.errors import DecompositionError
@@ -35,6 +36,7 @@ from rankwise.errors import DecompositionError
 log = logging.getLogger(__name__)
 
 Unscale = Callable[[torch.Tensor], torch.Tensor]
+S = TypeVar("S", bound=SolverConfig)
 SCALE_FLOOR = 1e-6  # scales are clamped at SCALE_FLOOR × the largest, so undoing them never divides by ~0
 
 
@@ -104,29 +106,43 @@ class Scaling:
     note: str = ""  # what could make the unscaled factors non-finite (named in that error)
 
 
-class ScaledSVDMethod(DecompositionMethod):
-    """A two-factor method that truncates ``scaling(W).matrix`` and maps the scaling back out of the factors.
+class ScaledSVDMethod(DecompositionMethod[S]):
+    """A two-factor method that truncates ``scaling(W, statistic).matrix`` and maps the scaling back out of the
+    factors.
 
-    Subclasses set ``name``, ``needs``, ``summary``, ``error_name`` (the key of the scaled-metric error in
-    :attr:`MethodResult.extra`, or ``""``), ``config_class`` when they take settings beyond the solver's,
-    and implement :meth:`scaling`.
+    Subclasses declare (as class keywords) ``name``, ``summary``, ``statistic`` (the one
+    :class:`CalibrationStats` field :meth:`scaling` reads, which becomes ``needs``; None for data-free) and
+    ``error_name`` (the key of the scaled-metric error in :attr:`MethodResult.extra`, or ``""``), give their
+    config type as the type argument when they take settings beyond the solver's, and implement
+    :meth:`scaling`.
     """
 
     form = "two_factor"
+    statistic: ClassVar[str | None] = None
     error_name: ClassVar[str] = ""
     config_class: ClassVar[type[SolverConfig]] = SolverConfig
-    config: SolverConfig
+
+    def __init_subclass__(cls, **declared: Any) -> None:
+        super().__init_subclass__(**declared)
+        cls.needs = frozenset({cls.statistic}) if cls.statistic else frozenset()
 
     @abstractmethod
-    def scaling(self, W: torch.Tensor, stats: CalibrationStats, fallbacks: list[str]) -> Scaling:
-        """M and its inverse maps for the (checked, float32) weight W; notes go to ``fallbacks``."""
+    def scaling(self, W: torch.Tensor, statistic: torch.Tensor | None, fallbacks: list[str]) -> Scaling:
+        """M and its inverse maps for the (checked, float32) weight W and the method's calibration
+        ``statistic`` (on W's device; None when it reads none); notes go to ``fallbacks``."""
+
+    def scaled(self, W: torch.Tensor, stats: CalibrationStats | None, fallbacks: list[str]) -> Scaling:
+        """:meth:`scaling` of W with the statistic it reads taken from ``stats`` (checked present)."""
+        stats = self.check_stats(stats)
+        statistic = stats_field(stats, self.statistic, W) if self.statistic else None
+        return self.scaling(W, statistic, fallbacks)
 
     def decompose(self, weight: torch.Tensor, rank: Rank, stats: CalibrationStats | None = None) -> MethodResult:
         W = check_weight(weight, self.name)
         stats = self.check_stats(stats)
         r, _ = self.ranks_for(rank, *W.shape)
         fallbacks: list[str] = []
-        sc = self.scaling(W, stats, fallbacks)
+        sc = self.scaled(W, stats, fallbacks)
         cut = scaled_truncation(sc.matrix, r, self.config.solver, unscale_left=sc.unscale_left,
                                 unscale_right=sc.unscale_right, oversample=self.config.oversample)
         f = cut.factors
@@ -139,4 +155,4 @@ class ScaledSVDMethod(DecompositionMethod):
 
     def singular_values(self, weight: torch.Tensor, stats: CalibrationStats | None = None) -> torch.Tensor:
         W = check_weight(weight, self.name)
-        return singular_values(self.scaling(W, self.check_stats(stats), []).matrix)
+        return singular_values(self.scaled(W, stats, []).matrix)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rankwise.decomposition.base import CalibrationStats, SolverConfig, register_method, setting, stats_field
+from rankwise.decomposition.base import SolverConfig, setting
 from rankwise.decomposition.scaled import ScaledSVDMethod, Scaling
 from rankwise.errors import DecompositionError
 
@@ -92,19 +92,12 @@ class SVDLLMConfig(SolverConfig):
     damping: float = setting(0.0, "a number >= 0", lambda v: v >= 0)
 
 
-@register_method
-class SVDLLM(ScaledSVDMethod):
+class SVDLLM(ScaledSVDMethod[SVDLLMConfig], name="svd-llm", statistic="gram", error_name="whitened_error",
+             summary="truncation-aware whitening (Cholesky of the calibration Gram; needs gram)"):
     """SVD of the whitened W·S (XᵀX = S·Sᵀ), unwhitened by a triangular solve; two factors of rank r."""
 
-    name = "svd-llm"
-    needs = frozenset({"gram"})
-    summary = "truncation-aware whitening (Cholesky of the calibration Gram; needs gram)"
-    error_name = "whitened_error"
-    config_class = SVDLLMConfig
-    config: SVDLLMConfig
-
-    def scaling(self, W: torch.Tensor, stats: CalibrationStats, fallbacks: list[str]) -> Scaling:
-        white = whitening(stats_field(stats, "gram", W), W.shape[1], fallbacks, self.config.damping)
+    def scaling(self, W: torch.Tensor, gram: torch.Tensor, fallbacks: list[str]) -> Scaling:
+        white = whitening(gram, W.shape[1], fallbacks, self.config.damping)
         M = (W.to(torch.float64) @ white.S).to(torch.float32)
         # Bᵀ = √Σ_r·V_rᵀ·S⁻¹ (r × n) by a triangular solve, never an explicit inverse
         return Scaling(M, unscale_right=lambda B: white.right_solve(B.T).T,

@@ -32,20 +32,13 @@ from rankwise.decomposition.base import (
     Rank,
     SolverConfig,
     check_weight,
-    register_method,
 )
 from rankwise.decomposition.solvers import truncated_svd
 
 
-@register_method
-class Tucker(DecompositionMethod):
+class Tucker(DecompositionMethod[SolverConfig], name="tucker", form="three_factor",
+             summary="Tucker-2 / HOOI fixed point (the paper's method; three factors, data-free)"):
     """Tucker-2 with ranks [r1, r2] (an int r means [r, r]); A (m×r1) and B (n×r2) orthonormal, G (r1×r2)."""
-
-    name = "tucker"
-    form = "three_factor"
-    summary = "Tucker-2 / HOOI fixed point (the paper's method; three factors, data-free)"
-    config_class = SolverConfig
-    config: SolverConfig
 
     def decompose(self, weight: torch.Tensor, rank: Rank, stats: CalibrationStats | None = None) -> MethodResult:
         W = check_weight(weight, self.name)
