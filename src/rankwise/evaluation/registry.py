@@ -62,6 +62,16 @@ class Task:
     #: Data files (relative to the data directory) the task reads; checked before any model runs.
     files: ClassVar[tuple[str, ...]] = ()
 
+    def __init_subclass__(cls, **declared: Any) -> None:
+        """Class keywords set the class attributes, so a task is declared as data (as lm-eval declares its
+        tasks): ``class BoolQ(SuperGlueTask, name="boolq", files=("boolq/val.jsonl",), ...)``."""
+        super().__init_subclass__()
+        unknown = [key for key in declared if not hasattr(cls, key) and key not in Task.__annotations__]
+        if unknown:
+            raise TypeError(f"{cls.__name__}: no task attribute {', '.join(unknown)}")
+        for key, value in declared.items():
+            setattr(cls, key, value)
+
     def required_files(self) -> tuple[str, ...]:
         return self.files
 

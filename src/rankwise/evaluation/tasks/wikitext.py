@@ -22,7 +22,7 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from rankwise.errors import DataError, RankwiseError, first_line
 from rankwise.evaluation.engine import PairEncoder
@@ -119,18 +119,41 @@ def ratio_stderr(numerators: Sequence[float], denominators: Sequence[float]) -> 
     return math.sqrt(var / n) / mean_b
 
 
-@register_task
-class WikitextToken(Task):
-    name = "wikitext_token"
+class WikitextTask(Task):
+    """A perplexity task on the WikiText-2 raw test file: checks the window length, reads the file once and
+    leaves the splitting and scoring to :meth:`score`."""
+
     kind = "perplexity"
-    description = "WikiText-2 raw test, token-level perplexity in non-overlapping seq-len windows (GPTQ/SVD-LLM)"
     files = (DATA_FILE,)
+    #: The shortest window (``--seq-len``) the protocol can score.
+    min_length: ClassVar[int] = 1
+
+    def default_length(self, model: Any, tokenizer: Any) -> int:
+        """The window length without ``--seq-len``."""
+        raise NotImplementedError  # pragma: no cover
+
+    def score(self, model: Any, tokenizer: Any, raw: str, length: int, options: EvalOptions) -> TaskResult:
+        raise NotImplementedError  # pragma: no cover
 
     def evaluate(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
-        seq_len = options.seq_len or DEFAULT_SEQ_LEN
-        if seq_len < 2:
-            raise RankwiseError(f"wikitext_token needs --seq-len of at least 2 tokens, got {seq_len}")
-        rows = dataset_rows(read_raw(self.data_path(options, DATA_FILE)))
+        length = options.seq_len or self.default_length(model, tokenizer)
+        if length < self.min_length:
+            unit = "token" if self.min_length == 1 else "tokens"
+            raise RankwiseError(f"{self.name} needs --seq-len of at least {self.min_length} {unit}, got {length}")
+        return self.score(model, tokenizer, read_raw(self.data_path(options, DATA_FILE)), length, options)
+
+
+@register_task
+class WikitextToken(WikitextTask):
+    name = "wikitext_token"
+    description = "WikiText-2 raw test, token-level perplexity in non-overlapping seq-len windows (GPTQ/SVD-LLM)"
+    min_length = 2
+
+    def default_length(self, model: Any, tokenizer: Any) -> int:
+        return DEFAULT_SEQ_LEN
+
+    def score(self, model: Any, tokenizer: Any, raw: str, seq_len: int, options: EvalOptions) -> TaskResult:
+        rows = dataset_rows(raw)
         ids = encode(tokenizer, "\n\n".join(rows))
         windows = token_windows(ids, seq_len)
         if not windows:
@@ -170,17 +193,15 @@ class WikitextToken(Task):
 
 
 @register_task
-class Wikitext(Task):
+class Wikitext(WikitextTask):
     name = "wikitext"
-    kind = "perplexity"
     description = "WikiText-2 raw test as lm-eval's wikitext: rolling log-likelihood of 62 documents, word/byte ppl"
-    files = (DATA_FILE,)
 
-    def evaluate(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
-        max_len = options.seq_len or max_model_length(model, tokenizer)
-        if max_len < 1:
-            raise RankwiseError(f"wikitext needs --seq-len of at least 1 token, got {max_len}")
-        pages = split_documents(read_raw(self.data_path(options, DATA_FILE)))
+    def default_length(self, model: Any, tokenizer: Any) -> int:
+        return max_model_length(model, tokenizer)
+
+    def score(self, model: Any, tokenizer: Any, raw: str, max_len: int, options: EvalOptions) -> TaskResult:
+        pages = split_documents(raw)
         subset = self.subset(len(pages), options)
         encoder = PairEncoder(tokenizer)
         prefix = prefix_token_id(tokenizer)
