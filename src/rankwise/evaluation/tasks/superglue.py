@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from pathlib import PurePosixPath
+from string import Formatter
 from typing import Any, ClassVar
 
 from rankwise.errors import DataError
@@ -35,14 +36,26 @@ class SuperGlueTask(MultipleChoiceTask):
     layout of lm-eval's dataset (:meth:`record`, which also checks it), each record one document (:meth:`doc`)."""
 
     metric_names = ("acc",)
-    #: Fields every row must have (checked before :meth:`record`).
+    #: The prompt: ``str.format`` fields of the record (``"{passage}\nQuestion: {question}?\nAnswer:"``), and
+    #: the choices after it; the gold choice is the record's ``label``.
+    template: ClassVar[str] = ""
+    choices: ClassVar[tuple[str, ...]] = ()
+    #: Fields every row must have (checked before :meth:`record`); by default the template's and ``label``.
     fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.template and "fields" not in vars(cls):
+            cls.fields = (*(f for _, f, _, _ in Formatter().parse(cls.template) if f), "label")
 
     def record(self, row: dict[str, Any], where: str) -> dict[str, Any]:  # pragma: no cover
         raise NotImplementedError
 
-    def doc(self, record: dict[str, Any], doc_id: int) -> MCDoc:  # pragma: no cover
-        raise NotImplementedError
+    def context(self, record: dict[str, Any]) -> str:
+        return self.template.format(**record)
+
+    def doc(self, record: dict[str, Any], doc_id: int) -> MCDoc:
+        return MCDoc(doc_id, self.context(record), list(self.choices), record["label"], meta={"idx": record["idx"]})
 
     def records(self, options: EvalOptions) -> list[dict[str, Any]]:
         path = self.data_path(options, self.files[0])
@@ -79,14 +92,11 @@ def copa_doc(row: dict[str, Any], doc_id: int) -> MCDoc:
 
 
 @register_task
-class Copa(SuperGlueTask):
-    name = "copa"
-    fields = ("premise", "choice1", "choice2", "question", "label")
-    files = ("superglue/COPA/val.jsonl",)
-    description = "SuperGLUE COPA validation: choose the cause or effect"
-    source = "SuperGLUE COPA validation, 100 items (superglue/COPA/val.jsonl)"
-    prompt_version = "lm-eval 0.4.13 copa v1.0: premise[:-1] + ' because'/' therefore' + '  ' + choice"
-
+class Copa(SuperGlueTask, name="copa", files=("superglue/COPA/val.jsonl",),
+           fields=("premise", "choice1", "choice2", "question", "label"),
+           description="SuperGLUE COPA validation: choose the cause or effect",
+           source="SuperGLUE COPA validation, 100 items (superglue/COPA/val.jsonl)",
+           prompt_version="lm-eval 0.4.13 copa v1.0: premise[:-1] + ' because'/' therefore' + '  ' + choice"):
     def record(self, row: dict[str, Any], where: str) -> dict[str, Any]:
         if row["question"] not in ("cause", "effect") or row["label"] not in (0, 1):
             raise DataError(f"{where}: question must be cause/effect and label 0/1")
@@ -103,29 +113,22 @@ RTE_LABELS = {"entailment": 0, "not_entailment": 1}
 
 
 @register_task
-class Rte(SuperGlueTask):
-    name = "rte"
-    fields = ("premise", "hypothesis", "label")
-    files = ("superglue/RTE/val.jsonl",)
-    description = "RTE (SuperGLUE/GLUE) validation: does the premise entail the hypothesis?"
-    source = "RTE validation, 277 pairs (superglue/RTE/val.jsonl; same pairs as GLUE RTE dev)"
-    prompt_version = "lm-eval 0.4.13 sglue_rte v0.0 / rte v1.0: '{premise}\\nQuestion: {hypothesis} True or False?\\nAnswer:'"
-
+class Rte(SuperGlueTask, name="rte", files=("superglue/RTE/val.jsonl",), choices=("True", "False"),
+          template="{premise}\nQuestion: {hypothesis} True or False?\nAnswer:",
+          description="RTE (SuperGLUE/GLUE) validation: does the premise entail the hypothesis?",
+          source="RTE validation, 277 pairs (superglue/RTE/val.jsonl; same pairs as GLUE RTE dev)",
+          prompt_version="lm-eval 0.4.13 sglue_rte v0.0 / rte v1.0: "
+                         "'{premise}\\nQuestion: {hypothesis} True or False?\\nAnswer:'"):
     def record(self, row: dict[str, Any], where: str) -> dict[str, Any]:
         if row["label"] not in RTE_LABELS:
             raise DataError(f"{where}: label must be entailment or not_entailment")
         return {"premise": row["premise"], "hypothesis": row["hypothesis"], "label": RTE_LABELS[row["label"]],
                 "idx": row.get("idx")}
 
-    def doc(self, record: dict[str, Any], doc_id: int) -> MCDoc:
-        return MCDoc(doc_id, f"{record['premise']}\nQuestion: {record['hypothesis']} True or False?\nAnswer:",
-                     ["True", "False"], record["label"], meta={"idx": record["idx"]})
-
 
 @register_task
-class SglueRte(Rte):
-    name = "sglue_rte"
-    description = "RTE under lm-eval's SuperGLUE name (same task as rte)"
+class SglueRte(Rte, name="sglue_rte", description="RTE under lm-eval's SuperGLUE name (same task as rte)"):
+    """RTE registered under lm-eval's SuperGLUE task name."""
 
 
 # ------------------------------------------------------------------------------------------------- WSC
@@ -181,15 +184,12 @@ def wsc_record(row: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 @register_task
-class Wsc(SuperGlueTask):
-    name = "wsc"
-    files = ("superglue/WSC/val.jsonl",)
-    description = "SuperGLUE WSC validation: does the pronoun refer to the noun?"
-    source = "SuperGLUE WSC validation, 104 items (superglue/WSC/val.jsonl, wsc.fixed span corrections)"
-    prompt_version = "lm-eval 0.4.13 wsc v1.0 (wsc.fixed): starred pronoun passage + yes/no question"
-
+class Wsc(SuperGlueTask, name="wsc", files=("superglue/WSC/val.jsonl",), choices=("no", "yes"),
+          description="SuperGLUE WSC validation: does the pronoun refer to the noun?",
+          source="SuperGLUE WSC validation, 104 items (superglue/WSC/val.jsonl, wsc.fixed span corrections)",
+          prompt_version="lm-eval 0.4.13 wsc v1.0 (wsc.fixed): starred pronoun passage + yes/no question"):
     def record(self, row: dict[str, Any], where: str) -> dict[str, Any]:
         return wsc_record(row, where)
 
-    def doc(self, record: dict[str, Any], doc_id: int) -> MCDoc:
-        return MCDoc(doc_id, wsc_text(record), ["no", "yes"], record["label"], meta={"idx": record["idx"]})
+    def context(self, record: dict[str, Any]) -> str:
+        return wsc_text(record)
