@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Generic, Literal, Self, TypeVar
 import torch
 
 from rankwise.calibration.stats import CalibrationStats
-from rankwise.decomposition.solvers import KRYLOV_OVERSAMPLE, SOLVERS
+from rankwise.decomposition.solvers import KRYLOV_OVERSAMPLE, SOLVERS, SVDResult, truncated_svd
 from rankwise.design.plan import MethodSpec
 from rankwise.errors import DecompositionError, PlanError
 
@@ -266,6 +266,20 @@ class DecompositionMethod(ABC, Generic[C]):
                 raise DecompositionError(
                     f"{self.name}: rank {r} is outside 1..min(m, n) = {full} for a {m}x{n} matrix")
         return r1, r2
+
+
+S = TypeVar("S", bound=SolverConfig)
+
+
+class SolverMethod(DecompositionMethod[S]):
+    """A method built on the truncated-SVD solver (every built-in one): its settings include the solver's
+    (:class:`SolverConfig`, or the subclass its type argument names)."""
+
+    config_class: ClassVar[type[SolverConfig]] = SolverConfig
+
+    def truncate(self, matrix: torch.Tensor, rank: int) -> SVDResult:
+        """Top-``rank`` singular triplets of ``matrix`` by the solver the settings name."""
+        return truncated_svd(matrix, rank, self.config.solver, self.config.oversample)
 
 
 def check_weight(weight: torch.Tensor, method: str = "") -> torch.Tensor:

@@ -15,28 +15,27 @@ import logging
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch
 
 from rankwise.analysis.spectrum import singular_values
 from rankwise.decomposition.base import (
     CalibrationStats,
-    DecompositionMethod,
     Factors,
     MethodResult,
     Rank,
-    SolverConfig,
+    S,
+    SolverMethod,
     check_weight,
     stats_field,
 )
-from rankwise.decomposition.solvers import KRYLOV_OVERSAMPLE, truncated_svd
+from rankwise.decomposition.solvers import SVDResult
 from rankwise.errors import DecompositionError
 
 log = logging.getLogger(__name__)
 
 Unscale = Callable[[torch.Tensor], torch.Tensor]
-S = TypeVar("S", bound=SolverConfig)
 SCALE_FLOOR = 1e-6  # scales are clamped at SCALE_FLOOR × the largest, so undoing them never divides by ~0
 
 
@@ -78,13 +77,13 @@ def relative_residual(M: torch.Tensor, kept: torch.Tensor) -> float:
     return (max(total - float((kept.to(torch.float64) ** 2).sum()), 0.0) / total) ** 0.5
 
 
-def scaled_truncation(M: torch.Tensor, rank: int, solver: str = "auto", *, unscale_left: Unscale | None = None,
-                      unscale_right: Unscale | None = None, oversample: int = KRYLOV_OVERSAMPLE) -> ScaledTruncation:
-    """Truncate M at ``rank``; A = unscale_left(U·√Σ) (m×r), B = unscale_right(V·√Σ) (n×r), float32.
+def scaled_truncation(M: torch.Tensor, res: SVDResult, *, unscale_left: Unscale | None = None,
+                      unscale_right: Unscale | None = None) -> ScaledTruncation:
+    """M's truncation ``res`` (its top singular triplets) in balanced factors A = unscale_left(U·√Σ) (m×r),
+    B = unscale_right(V·√Σ) (n×r), float32.
 
     The unscale maps receive float64 factors, so undoing a scaling adds no float32 rounding.
     """
-    res = truncated_svd(M, rank, solver, oversample)
     root = torch.sqrt(res.s.to(torch.float64).clamp_min(0))
     A = res.U.to(torch.float64) * root
     B = res.V.to(torch.float64) * root
@@ -106,7 +105,7 @@ class Scaling:
     note: str = ""  # what could make the unscaled factors non-finite (named in that error)
 
 
-class ScaledSVDMethod(DecompositionMethod[S]):
+class ScaledSVDMethod(SolverMethod[S]):
     """A two-factor method that truncates ``scaling(W, statistic).matrix`` and maps the scaling back out of the
     factors.
 
@@ -120,7 +119,6 @@ class ScaledSVDMethod(DecompositionMethod[S]):
     form = "two_factor"
     statistic: ClassVar[str | None] = None
     error_name: ClassVar[str] = ""
-    config_class: ClassVar[type[SolverConfig]] = SolverConfig
 
     def __init_subclass__(cls, **declared: Any) -> None:
         super().__init_subclass__(**declared)
@@ -143,8 +141,8 @@ class ScaledSVDMethod(DecompositionMethod[S]):
         r, _ = self.ranks_for(rank, *W.shape)
         fallbacks: list[str] = []
         sc = self.scaled(W, stats, fallbacks)
-        cut = scaled_truncation(sc.matrix, r, self.config.solver, unscale_left=sc.unscale_left,
-                                unscale_right=sc.unscale_right, oversample=self.config.oversample)
+        cut = scaled_truncation(sc.matrix, self.truncate(sc.matrix, r), unscale_left=sc.unscale_left,
+                                unscale_right=sc.unscale_right)
         f = cut.factors
         if not (bool(torch.isfinite(f.A).all()) and bool(torch.isfinite(f.B).all())):
             why = f" ({sc.note})" if sc.note else ""

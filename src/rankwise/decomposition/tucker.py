@@ -26,24 +26,23 @@ import torch
 from rankwise.analysis.spectrum import singular_values
 from rankwise.decomposition.base import (
     CalibrationStats,
-    DecompositionMethod,
     Factors,
     MethodResult,
     Rank,
     SolverConfig,
+    SolverMethod,
     check_weight,
 )
-from rankwise.decomposition.solvers import truncated_svd
 
 
-class Tucker(DecompositionMethod[SolverConfig], name="tucker", form="three_factor",
+class Tucker(SolverMethod[SolverConfig], name="tucker", form="three_factor",
              summary="Tucker-2 / HOOI fixed point (the paper's method; three factors, data-free)"):
     """Tucker-2 with ranks [r1, r2] (an int r means [r, r]); A (m×r1) and B (n×r2) orthonormal, G (r1×r2)."""
 
     def decompose(self, weight: torch.Tensor, rank: Rank, stats: CalibrationStats | None = None) -> MethodResult:
         W = check_weight(weight, self.name)
         r1, r2 = self.ranks_for(rank, *W.shape)
-        res = truncated_svd(W, max(r1, r2), self.config.solver, self.config.oversample)
+        res = self.truncate(W, max(r1, r2))
         k = min(r1, r2)
         G = torch.zeros(r1, r2, dtype=torch.float32, device=res.s.device)
         G[:k, :k] = torch.diag(res.s[:k].float())
