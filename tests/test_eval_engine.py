@@ -362,6 +362,26 @@ def test_mmlu_group_aggregates_subjects_by_size(smollm):
     assert group.protocol["shots"] == 0 and "per subject" in group.protocol["subset"]
 
 
+def test_mmlu_pooled_sample_is_uniform_over_all_questions(smollm):
+    """A pooled sample draws N of the group's questions together (not N per subject): its accuracy is the
+    plain mean and its stderr the sample's own, and it scores the same items as the per-subject path would."""
+    import math
+
+    from rankwise.evaluation.registry import EvalOptions
+    from rankwise.evaluation.runner import evaluate
+
+    options = EvalOptions(sample=12, seed=7, pooled=True, progress=False, log_samples=True)
+    (pooled,) = evaluate(smollm.model, smollm.tokenizer, ["mmlu_social_sciences"], options)
+    assert pooled.n == 12 and "pooled over 12 subjects" in pooled.protocol["subset"]
+    correct = [s["acc"] for s in pooled.samples]
+    p = sum(correct) / 12
+    assert pooled.metrics["acc"] == pytest.approx(p)
+    assert pooled.stderr["acc"] == pytest.approx(math.sqrt(p * (1 - p) / 11))
+    assert len({s["subject"] for s in pooled.samples}) > 1
+    again = evaluate(smollm.model, smollm.tokenizer, ["mmlu_social_sciences"], options)[0]
+    assert again.metrics == pooled.metrics  # seeded: the same questions every time
+
+
 @pytest.mark.slow  # runs lm-eval
 def test_cli_harness_lm_eval_runs_lm_evals_task_on_local_data(capsys, tmp_path):
     out_json = tmp_path / "r.json"

@@ -40,7 +40,8 @@ def test_plan_of_each_mode(tmp_path, mode, counts, items, total):
     arc = next(t for t in decoder["tasks"] if t["name"] == "arc_easy")
     assert arc.get("sample") == items
     mmlu = next(t for t in decoder["tasks"] if t["name"] == "mmlu")
-    assert mmlu.get("sample") == {"quick": 1, "standard": 5, "full": None}[mode]  # per subject
+    assert mmlu.get("sample") == {"quick": 20, "standard": 300, "full": None}[mode]
+    assert mmlu.get("pooled", False) == (mode != "full")  # drawn from all subjects' questions together
     names = [t["name"] for t in decoder["tasks"]]
     assert ("gsm8k" in names) == (mode == "full")
     assert "winogrande" not in names  # no data file in tmp_path
@@ -63,8 +64,8 @@ def test_plan_includes_winogrande_when_its_data_exists(tmp_path):
 def test_shrunk_plan_keeps_every_sweep(tmp_path):
     plan = _plan("quick", tmp_path, items=4, points=2)
     decoder = plan.studies[0]
-    assert all(t["sample"] == (1 if t["name"] == "mmlu" else 4) for t in decoder["tasks"])
-    assert "mmlu 57 items (1 per subject)" in "\n".join(plan_lines(plan))
+    assert all(t["sample"] == 4 for t in decoder["tasks"])
+    assert "mmlu 4 items (pooled over its 57 subjects)" in "\n".join(plan_lines(plan))
     points = plan.points[decoder["name"]]
     assert list(points) == SWEEPS and max(points.values()) <= 2
     assert decoder["name"] != _plan("quick", tmp_path).studies[0]["name"]  # never resumes a full-size study
@@ -114,8 +115,8 @@ def test_paper_quick_end_to_end(tmp_path, capsys, data_dir):
     assert doc["schema"] == "rankwise.study/1"
     assert {t["sweep"] for t in doc["trials"] if t["state"] == "COMPLETE"} == set(SWEEPS)
     metrics = doc["dense"]["metrics"]
-    assert metrics["mmlu"]["n"] == 57  # one item per subject
-    assert all(m["n"] == 4 for k, m in metrics.items() if m["metric"] == "acc" and k != "mmlu")
+    assert all(m["n"] == 4 for m in metrics.values() if m["metric"] == "acc")  # MMLU: 4 pooled questions
+    assert metrics["mmlu"]["stderr"] is not None
     enc = json.loads((out / "encoder-results.json").read_text())
     assert enc["spec"]["model"] == "minilm-l6" and enc["dense"]["metrics"]["stsb"]["metric"] == "spearman"
     assert (out / "report" / "report.html").is_file() and (out / "encoder-report" / "report.html").is_file()

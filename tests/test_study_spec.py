@@ -39,6 +39,8 @@ def _spec(**changes):
     ({"execution": {"heartbeat_interval": 10, "grace_period": 5}}, "spec.execution.grace_period: must be longer"),
     ({"tasks": [], "perplexity": None}, "spec.tasks: a study needs at least one task or perplexity"),
     ({"colour": "red"}, "spec.colour: unknown field"),
+    ({"tasks": [{"name": "mmlu", "limit": 2, "pooled": True}]}, "spec.tasks[0].pooled: needs sample"),
+    ({"tasks": [{"name": "mmlu", "sample": 2, "pooled": "yes"}]}, "spec.tasks[0].pooled: must be true or false"),
 ])
 def test_spec_errors_name_the_field(changes, message):
     with pytest.raises(RankwiseError) as info:
@@ -55,6 +57,10 @@ def test_spec_defaults_and_hash():
     # execution settings do not change the study's identity; subsets do
     assert _spec(execution={"heartbeat_interval": 2, "grace_period": 5}).hash == spec.hash
     assert _spec(tasks=[{"name": "arc_easy", "limit": 9}]).hash != spec.hash
+    # a pooled sample is another subset; an unpooled one keeps the identity specs had before the field
+    pooled = _spec(tasks=[{"name": "mmlu", "sample": 9, "pooled": True}])
+    assert pooled.tasks[0].pooled and pooled.hash != _spec(tasks=[{"name": "mmlu", "sample": 9}]).hash
+    assert "pooled" not in _spec(tasks=[{"name": "mmlu", "sample": 9}]).tasks[0].to_dict()
     ppl = _spec(tasks=[], perplexity={"windows": 2, "seq_len": 64})
     assert ppl.objectives[0].metric == "perplexity" and ppl.objectives[0].direction == "minimize"
 

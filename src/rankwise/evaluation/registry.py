@@ -30,6 +30,9 @@ class EvalOptions:
     data_dir: Path | None = None
     limit: int | None = None  # the first N items, as lm-eval's --limit
     sample: int | None = None  # a seeded random subset of N items
+    #: for a group task (MMLU and its categories): ``sample`` draws N items from all members' items pooled,
+    #: not N per member as lm-eval's per-task --limit does (the only way below one item per subject)
+    pooled: bool = False
     seed: int = 1234
     shots: int | None = None  # None = the task's default
     batch_size: int = 16

@@ -71,7 +71,15 @@ def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
 
 
 def output_cache(output: Any) -> Any:
-    """The KV cache a forward returned (``.cache`` from transformers 5.24, ``.past_key_values`` before)."""
+    """The KV cache a forward returned (``.cache`` from transformers 5.24, ``.past_key_values`` before).
+
+    An output class that declares a cache field is read by that field only: on 5.24 reading the old name
+    (when ``cache`` is None) goes through a deprecation shim that prints a warning to the user.
+    """
+    declared = getattr(output, "__dataclass_fields__", None)
+    if declared is not None and any(name in declared for name in CACHE_ARGUMENTS):
+        name = next(name for name in CACHE_ARGUMENTS if name in declared)
+        return getattr(output, name)
     for name in CACHE_ARGUMENTS:
         value = getattr(output, name, None)
         if value is not None:

@@ -34,11 +34,11 @@ ENCODER_MODEL = "minilm-l6"
 WINOGRANDE_FILE = "winogrande/dev.jsonl"
 MMLU_SUBJECTS = 57
 
-#: Items per task (seeded samples, seed 1234) per mode; None = the whole test set. MMLU is sampled per
-#: subject, so its count is spread over the 57 subjects (at least one each).
+#: Items per task (seeded samples, seed 1234) per mode; None = the whole test set. MMLU's sample is drawn
+#: from the 57 subjects' questions pooled (a uniform sample; lm-eval's --limit would take N per subject).
 TASK_ITEMS: dict[str, dict[str, int | None]] = {
-    "quick": {"arc_easy": 25, "arc_challenge": 25, "hellaswag": 12, "mmlu": 57, "truthfulqa_mc1": 20,
-              "truthfulqa_mc2": 20},
+    "quick": {"arc_easy": 25, "arc_challenge": 20, "hellaswag": 12, "mmlu": 20, "truthfulqa_mc1": 15,
+              "truthfulqa_mc2": 15},
     "standard": {"arc_easy": 300, "arc_challenge": 300, "hellaswag": 200, "mmlu": 300, "truthfulqa_mc1": 300,
                  "truthfulqa_mc2": 300, "winogrande": 300},
     "full": {"arc_easy": None, "arc_challenge": None, "hellaswag": None, "mmlu": None, "truthfulqa_mc1": None,
@@ -88,9 +88,10 @@ def _tasks(mode: str, items: int | None, winogrande: bool, notes: list[str]) -> 
             continue
         if items is not None:
             n = items
-        if name == "mmlu" and n is not None:  # rankwise samples MMLU per subject: n items over the subjects
-            n = max(1, round(n / MMLU_SUBJECTS))
-        out.append({"name": name} if n is None else {"name": name, "sample": n, "seed": 1234})
+        entry: dict[str, Any] = {"name": name} if n is None else {"name": name, "sample": n, "seed": 1234}
+        if name == "mmlu" and n is not None:  # n questions drawn from all 57 subjects together
+            entry["pooled"] = True
+        out.append(entry)
     if not winogrande:
         notes.append(f"winogrande skipped: its data ({WINOGRANDE_FILE}) is not in the data directory "
                      "(no public copy ships with the benchmark data; place the file there to include it)")
@@ -177,8 +178,8 @@ def task_items(task: dict[str, Any]) -> str:
     n = task.get("sample")
     if n is None:
         return f"{task['name']} all items"
-    if task["name"] == "mmlu":
-        return f"mmlu {n * MMLU_SUBJECTS} items ({n} per subject)"
+    if task.get("pooled"):
+        return f"{task['name']} {n} items (pooled over its {MMLU_SUBJECTS} subjects)"
     return f"{task['name']} {n} items"
 
 

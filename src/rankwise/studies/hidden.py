@@ -13,7 +13,7 @@ Why it is exact and safe:
   and position ids, so recordings are keyed by a hash of those (a call never seen before simply runs in
   full), and each replayed tensor's shape is checked against the live one (a mismatch raises rather than
   returning wrong numbers);
-* calls that use a KV cache (``past_key_values`` given, or ``use_cache=True`` asked: the engine's shared
+* calls that use a KV cache (``cache``/``past_key_values`` given, or ``use_cache=True`` asked: the engine's shared
   prompt heads) run in full, since the skipped blocks would leave their cache layers empty;
 * a recording is kept only if its whole session finished; blocks are swapped back in ``finally``.
 
@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from rankwise.models.adapters import adapter_for
+from rankwise.models.forward import CACHE_ARGUMENTS
 
 
 def call_key(args: tuple, kwargs: dict) -> str | None:
@@ -103,7 +104,8 @@ class HiddenStateCache:
         handles = []
 
         def on_model(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            replayable = kwargs.get("past_key_values") is None and kwargs.get("use_cache") is not True
+            replayable = (all(kwargs.get(name) is None for name in CACHE_ARGUMENTS)
+                          and kwargs.get("use_cache") is not True)
             state["key"] = call_key(args, kwargs) if replayable else None
             self.replaying = replay is not None and state["key"] is not None and state["key"] in self.store[replay]
             if self.replaying:

@@ -86,10 +86,14 @@ class TaskSpec:
     sample: int | None = None
     seed: int = 1234
     shots: int | None = None
+    pooled: bool = False  # a group task's sample drawn from all its members' items together (MMLU)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "limit": self.limit, "sample": self.sample, "seed": self.seed,
-                "shots": self.shots}
+        out = {"name": self.name, "limit": self.limit, "sample": self.sample, "seed": self.seed,
+               "shots": self.shots}
+        if self.pooled:  # only when set: specs written before the field keep their identity (hash)
+            out["pooled"] = True
+        return out
 
 
 @dataclass(frozen=True)
@@ -218,7 +222,7 @@ def _task(value: Any, path: str) -> TaskSpec:
 
     if isinstance(value, str):
         value = {"name": value}
-    data = _mapping(value, path, {"name", "limit", "sample", "seed", "shots"})
+    data = _mapping(value, path, {"name", "limit", "sample", "seed", "shots", "pooled"})
     name = _str(data.get("name"), f"{path}.name")
     try:
         get_task(name)
@@ -232,7 +236,12 @@ def _task(value: Any, path: str) -> TaskSpec:
     shots = data.get("shots")
     if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 0):
         raise _err(f"{path}.shots", f"must be a non-negative integer, got {shots!r}")
-    return TaskSpec(name=name, limit=limit, sample=sample, seed=seed, shots=shots)
+    pooled = data.get("pooled", False)
+    if not isinstance(pooled, bool):
+        raise _err(f"{path}.pooled", f"must be true or false, got {pooled!r}")
+    if pooled and sample is None:
+        raise _err(f"{path}.pooled", "needs sample: it pools a seeded sample over a group's members")
+    return TaskSpec(name=name, limit=limit, sample=sample, seed=seed, shots=shots, pooled=pooled)
 
 
 def _objectives(value: Any, allowed: list[str], default: list[Objective]) -> tuple[Objective, ...]:

@@ -201,9 +201,9 @@ class PointRunner:
 
     # --- measuring --------------------------------------------------------------------------------------
     def options(self, limit: int | None, sample: int | None, seed: int, shots: int | None = None,
-                seq_len: int | None = None) -> EvalOptions:
+                seq_len: int | None = None, *, pooled: bool = False) -> EvalOptions:
         return EvalOptions(limit=limit, sample=sample, seed=seed, shots=shots, seq_len=seq_len,
-                           progress=self.progress)
+                           progress=self.progress, pooled=pooled)
 
     def check_data(self) -> None:
         check_study_data(self.spec)
@@ -214,7 +214,7 @@ class PointRunner:
         metrics: dict[str, dict[str, Any]] = {}
         for task in self.spec.tasks:
             result = evaluate(self.model, self.tokenizer, [task.name],
-                              self.options(task.limit, task.sample, task.seed, task.shots))[0]
+                              self.options(task.limit, task.sample, task.seed, task.shots, pooled=task.pooled))[0]
             metrics[task.name] = metric_entry(result)
         if self.spec.perplexity is not None:
             p = self.spec.perplexity

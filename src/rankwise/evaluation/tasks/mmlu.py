@@ -142,6 +142,8 @@ class _MMLU(MultipleChoiceTask):
 
     def evaluate(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
         shots = self.resolve_shots(options)
+        if options.pooled and options.sample is not None and self.group is not None:
+            return self._evaluate_pooled(model, tokenizer, options, shots)
         chosen: list[MCDoc] = []
         subsets = {}
         for subject in self.subjects:
@@ -158,6 +160,26 @@ class _MMLU(MultipleChoiceTask):
                 "source": f"MMLU {subject} test (mmlu/test/{subject}_test.csv)"}
             per_subject[subject] = summarize(f"mmlu_{subject}", per_doc, self.metric_names, proto, samples)
         return self._combine(per_subject, shots, options, scoring_strategy(model, tokenizer, options))
+
+    def _evaluate_pooled(self, model: Any, tokenizer: Any, options: EvalOptions, shots: int) -> TaskResult:
+        """``--sample N`` over all subjects' questions pooled: a uniform sample of the group's questions.
+
+        lm-eval's group accuracy weights subjects and categories by size, which is the plain mean over all
+        questions; the plain mean of a uniform sample estimates it without bias, and its standard error is
+        the sample's own (per-subject stderrs do not exist for subjects with one or no item).
+        """
+        docs = [d for subject in self.subjects for d in subject_docs(options, subject, shots)]
+        subset = self.subset(len(docs), options)
+        scored = score_docs(model, tokenizer, [docs[i] for i in subset.indices], options, self.name)
+        per_doc = [acc_metrics(s) for s in scored]
+        samples = [sample_record(s, m, options.log_samples) for s, m in zip(scored, per_doc, strict=True)]
+        strategy = scoring_strategy(model, tokenizer, options)
+        proto = self.protocol(shots, subset, strategy) | {
+            "subset": f"{subset.description} questions pooled over {len(self.subjects)} subjects (pooled sample)",
+            "source": "MMLU test (mmlu/test/*.csv), few-shot from mmlu/dev",
+            "metrics": {"acc": "plain mean over a uniform sample of all questions (estimates lm-eval's "
+                               "size-weighted group accuracy); stderr of that sample"}}
+        return summarize(self.name, per_doc, self.metric_names, proto, samples)
 
     def _combine(self, per_subject: dict[str, TaskResult], shots: int, options: EvalOptions,
                  strategy: Any) -> TaskResult:
