@@ -44,11 +44,11 @@ from rankwise.allocation.budget import Budget
 from rankwise.allocation.planner import allocate_plan
 from rankwise.allocation.sensitivity import ProfileSettings
 from rankwise.calibration.data import CalibrationConfig
+from rankwise.decomposition.apply import decompose_ as decompose
 from rankwise.evaluation.registry import EvalOptions
 from rankwise.evaluation.runner import evaluate
 from rankwise.fileio import write_json_atomic
 from rankwise.models import DEFAULT_MODEL, load
-from rankwise.surgery import decompose
 
 #: row name -> (method, allocator, compensate)
 ROWS: dict[str, tuple[str, str, bool | str]] = {  # data-free rows first: they need no calibration pass
@@ -188,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
 def warmup(dense, tokenizer, args, calibration: CalibrationConfig) -> int:
     """Fill the on-disk caches the rows read: calibration statistics (svd-llm, asvd) and the svd-llm profile."""
     from rankwise.decomposition import get_method
+    from rankwise.decomposition.apply import gather_stats
     from rankwise.models.adapters import adapter_for
-    from rankwise.surgery import gather_stats
 
     settings = ProfileSettings(method="svd-llm", n_samples=args.profile_samples, seq_len=args.profile_seq_len,
                                fractions=tuple(float(f) for f in args.profile_fractions.split(",")))

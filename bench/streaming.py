@@ -41,7 +41,7 @@ CHILD = textwrap.dedent("""
     from rankwise.decomposition.streaming import stream_decompose
     from rankwise.checkpoint import save
     from rankwise.models import load
-    from rankwise.surgery import decompose
+    from rankwise.decomposition.apply import decompose_ as decompose
 
     def status(key):
         for line in open("/proc/self/status"):

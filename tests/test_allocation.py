@@ -200,7 +200,7 @@ def test_removal_accounting_counts_whole_blocks():
 
 # --- layer removal and compensation in the decomposition loop ---------------------------------------------------
 def test_remove_layers_plan_drops_blocks_and_counts_parameters(tmp_path):
-    from rankwise.surgery import decompose
+    from rankwise.decomposition.apply import decompose_ as decompose
 
     model = tiny_llama(layers=4)
     block_params = sum(p.numel() for p in model.model.layers[2].parameters())
@@ -230,7 +230,7 @@ def test_remove_layers_plan_drops_blocks_and_counts_parameters(tmp_path):
 
 def test_decomposed_and_removed_model_saves_and_loads_bit_identically(tmp_path):
     import rankwise
-    from rankwise.surgery import decompose
+    from rankwise.decomposition.apply import decompose_ as decompose
 
     model = tiny_llama(layers=4)
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
@@ -279,7 +279,7 @@ def test_compensation_refit_reduces_output_error_and_leaves_svd_llm_alone():
 
 @pytest.mark.parametrize("mode", [True, "sequential"])
 def test_compensated_plans_run_and_do_not_hurt(mode):
-    from rankwise.surgery import decompose
+    from rankwise.decomposition.apply import decompose_ as decompose
 
     ref = tiny_llama(layers=2, seed=3)
     ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
@@ -352,8 +352,8 @@ def test_profile_on_the_real_model_is_cached_and_leaves_it_unchanged(smollm, tmp
 
 @pytest.mark.slow
 def test_allocate_cli_writes_a_plan_decompose_takes(smollm, tmp_path, capsys, monkeypatch):
+    from rankwise.decomposition.apply import decompose_ as decompose
     from rankwise.design.plan import Plan
-    from rankwise.surgery import decompose
 
     monkeypatch.setenv("RANKWISE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "plan.yaml"

@@ -23,12 +23,12 @@ from torch import nn
 import rankwise
 from helpers import run_cli
 from rankwise.checkpoint import save
+from rankwise.decomposition.apply import decompose_ as decompose
 from rankwise.design.plan import Plan
 from rankwise.errors import ModelLoadError
 from rankwise.layers.factorized import FactorizedLinear
 from rankwise.models.adapters import GenericAdapter, LayoutAdapter, adapter_for
 from rankwise.models.layouts import is_transposed
-from rankwise.surgery import decompose
 
 H = 32  # hidden size of every tiny model
 DECODER = ("q", "k", "v", "o", "gate", "up", "down")

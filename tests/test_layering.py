@@ -109,3 +109,14 @@ def test_no_cycles_between_units():
         if start not in state:
             cycle = visit(start, [])
             assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_deprecated_aliases_are_the_same_functions():
+    """Old imports keep working for one release and run the very same code (nothing inside imports them)."""
+    import rankwise.decomposition.apply as apply
+    import rankwise.decomposition.report as report
+    import rankwise.decomposition_report as old_report
+    import rankwise.surgery as old_apply
+
+    assert old_apply.decompose is apply.decompose_ and old_apply.merge is apply.merge_
+    assert old_report.DecompositionReport is report.DecompositionReport

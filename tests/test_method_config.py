@@ -21,11 +21,11 @@ from rankwise.decomposition import (
     get_method,
     method_settings,
 )
+from rankwise.decomposition.apply import decompose_ as decompose
 from rankwise.decomposition.asvd import ASVD, ASVDConfig
 from rankwise.decomposition.svd_llm import whitening
 from rankwise.design.plan import MethodSpec, Plan
 from rankwise.errors import PlanError
-from rankwise.surgery import decompose
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULTS = {

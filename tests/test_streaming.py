@@ -50,8 +50,8 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def _whole(src: Path, out: Path, plan: dict, calibration=None, dtype: str = "float32") -> dict:
     from rankwise.checkpoint import save
+    from rankwise.decomposition.apply import decompose_ as decompose
     from rankwise.models import load
-    from rankwise.surgery import decompose
 
     loaded = load(str(src), dtype=dtype)
     report = decompose(loaded.model, plan, calibration, tokenizer=loaded.tokenizer, progress=False, use_cache=False)
@@ -126,8 +126,8 @@ def test_sequential_calibrates_each_block_on_the_compressed_earlier_blocks(tmp_p
     """Reference for sequential mode: the whole-model path run block by block, each run calibrating on
     the model whose earlier blocks are already decomposed."""
     from rankwise.checkpoint import save
+    from rankwise.decomposition.apply import decompose_ as decompose
     from rankwise.models import load
-    from rankwise.surgery import decompose
 
     src = _tiny_folder(tmp_path / "src")
     ids = _ids()
