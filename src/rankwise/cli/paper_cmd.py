@@ -47,9 +47,17 @@ def paper(
     points: Annotated[int | None, typer.Option("--points", hidden=True, min=1,
                                                help="Points per sweep at most (testing).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-trial lines.")] = False,
+    doc: Annotated[Path | None, typer.Option("--doc", help="Also write the reproduction document (each claim of "
+                                                           "the paper: measured vs paper, verdict) to this .md file, "
+                                                           "its JSON and figures in a folder next to it.")] = None,
+    from_results: Annotated[bool, typer.Option("--from-results", help="Run nothing: regenerate the --doc "
+                                                                      "document from the existing -o DIR.")] = False,
 ) -> None:
     """Run the paper's case studies (layer-count, layer-removal, rank-sweep, tensor-sensitivity, single-layer,
-    layer-density, and the encoder case) as resumable studies; write the HTML report and the results JSON."""
+    layer-density, and the encoder case) as resumable studies; write the HTML report and the results JSON.
+
+    With --doc PATH, also write the reproduction document at the end; `rankwise paper --from-results -o DIR
+    --doc PATH` regenerates it from an existing output folder without running anything."""
     from rankwise.cli.study_cmd import _StudyBar, _trial_line
     from rankwise.paper.plan import ENCODER_MODEL, build_plan, count_points, plan_lines
     from rankwise.paper.run import run_plan
@@ -60,6 +68,18 @@ def paper(
     if workers < 1:
         raise RankwiseError(f"--workers must be 1 or more, got {workers}")
     mode = "standard" if standard else "full" if full else "quick"
+    if from_results:
+        if doc is None:
+            raise RankwiseError("--from-results writes the reproduction document: give --doc PATH")
+        from rankwise.paper.reproduction import write_reproduction
+
+        assets = write_reproduction(out, doc, mode=mode if (quick or standard or full) else None)
+        typer.echo(f"reproduction document: {doc} (its JSON and figures in {assets})")
+        return
+    if doc is not None:
+        from rankwise.fileio import check_output_path
+
+        check_output_path(doc, "file", "--doc")
     console = Console(stderr=True)
 
     def say(message: str) -> None:
@@ -98,3 +118,8 @@ def paper(
         typer.echo(summary["encoder_line"])
     if summary.get("encoder_skipped"):
         typer.echo(f"encoder case skipped: {summary['encoder_skipped']}")
+    if doc is not None:
+        from rankwise.paper.reproduction import write_reproduction
+
+        assets = write_reproduction(out, doc, mode=mode)
+        typer.echo(f"reproduction document: {doc} (its JSON and figures in {assets})")
