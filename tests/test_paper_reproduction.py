@@ -253,3 +253,18 @@ def test_a_task_without_stderr_gets_the_binomial_one(paper_out):
     nine = _section(reproduction_markdown(paper_out), "## d.")
     se = 100 * (0.63 * 0.37 / 399) ** 0.5  # sqrt(p(1-p)/(n-1)), as rankwise.paper.headlines computes it
     assert f"| MMLU | acc | 63.0 ± {se:.1f} |" in nine
+
+
+def test_a_bad_doc_path_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
+    import rankwise.cli.paper_cmd as paper_cmd
+
+    def no_model(model):
+        raise AssertionError("the model was loaded before --doc was checked")
+
+    monkeypatch.setattr(paper_cmd, "_shape", no_model)
+    code, _, stderr = run_cli(["paper", "--quick", "-o", str(tmp_path / "out"), "--doc", str(tmp_path)], capsys)
+    assert code == 2 and "is a folder" in stderr and stderr.count("\n") == 1
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "mine.txt").write_text("x")
+    code, _, stderr = run_cli(["paper", "-o", str(tmp_path / "out"), "--doc", str(tmp_path / "d.md")], capsys)
+    assert code == 2 and "did not write (mine.txt)" in stderr

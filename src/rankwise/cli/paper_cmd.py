@@ -77,9 +77,9 @@ def paper(
         typer.echo(f"reproduction document: {doc} (its JSON and figures in {assets})")
         return
     if doc is not None:
-        from rankwise.fileio import check_output_path
+        from rankwise.paper.reproduction import check_reproduction_dest
 
-        check_output_path(doc, "file", "--doc")
+        check_reproduction_dest(doc)  # before the run: a bad --doc must not wait for the end
     console = Console(stderr=True)
 
     def say(message: str) -> None:
@@ -121,5 +121,9 @@ def paper(
     if doc is not None:
         from rankwise.paper.reproduction import write_reproduction
 
-        assets = write_reproduction(out, doc, mode=mode)
+        try:
+            assets = write_reproduction(out, doc, mode=mode)
+        except (RankwiseError, OSError) as exc:
+            raise RankwiseError(f"reproduction document not written ({exc}); the results are kept in {out}: "
+                                f"rankwise paper --from-results -o {out} --doc PATH writes it") from None
         typer.echo(f"reproduction document: {doc} (its JSON and figures in {assets})")

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from rankwise.errors import RankwiseError
-from rankwise.fileio import atomic_path, write_text_atomic
+from rankwise.fileio import atomic_path, check_output_path, write_text_atomic
 from rankwise.paper.headlines import (
     TARGET_REDUCTION,
     _acc_stderr,
@@ -623,21 +623,27 @@ def _copy(src: Path, dest: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
+def check_reproduction_dest(dest: Path) -> tuple[Path, Path]:
+    """The document's path and its assets folder, checked (before a run, too): a one-line RankwiseError when the
+    path is a folder, cannot be written, or its assets folder holds files rankwise does not write there."""
+    dest = check_output_path(dest, "file", "--doc")
+    assets = dest.parent / dest.stem
+    if assets.exists():
+        unknown = sorted(p.name for p in assets.iterdir() if p.name not in (*ASSET_JSON, *ASSET_DIRS)
+                         and not p.name.startswith(".")) if assets.is_dir() else [assets.name]
+        if unknown:
+            raise RankwiseError(f"{assets} holds files rankwise did not write ({', '.join(unknown)}); "
+                                "remove them or choose another --doc path")
+    return dest, assets
+
+
 def write_reproduction(out_dir: Path, dest: Path, *, mode: str | None = None) -> Path:
     """Write the document to ``dest`` and, in ``dest``'s folder, ``<dest stem>/`` with the JSON files and the
     figures it references (figures no longer referenced are removed); every file is written atomically, the
     document last. Returns the assets folder."""
-    out_dir, dest = Path(out_dir), Path(dest).expanduser()
-    if dest.is_dir():
-        raise RankwiseError(f"--doc {dest} is a folder; give a file path (e.g. docs/paper-reproduction.md)")
-    assets = dest.parent / dest.stem
+    out_dir = Path(out_dir)
+    dest, assets = check_reproduction_dest(dest)
     text, figures = _build(out_dir, mode, assets.name)
-    if assets.exists():
-        unknown = sorted(p.name for p in assets.iterdir() if p.name not in (*ASSET_JSON, *ASSET_DIRS)
-                         and not p.name.startswith("."))
-        if not assets.is_dir() or unknown:
-            raise RankwiseError(f"{assets} holds files rankwise did not write ({', '.join(unknown) or 'a file'}); "
-                                "remove them or choose another --doc path")
     for name in ASSET_JSON:
         if (out_dir / name).is_file():
             _copy(out_dir / name, assets / name)
