@@ -169,17 +169,19 @@ def _verdict_line(verdict: str, why: str) -> str:
 class _Doc:
     """Builds the markdown and collects the figures it references."""
 
-    def __init__(self, out_dir: Path, assets: str, model: str) -> None:
+    def __init__(self, out_dir: Path, assets: str, model: str, mode: str) -> None:
         self.out_dir, self.assets = out_dir, assets
         self.lines: list[str] = []
         self.figures: list[Figure] = []
         self.reasons = (WHY_DEFAULT_MODEL if model == DEFAULT_MODEL else [
             f"model size: {model} against the paper's {PAPER_MODEL}; a smaller model has less redundancy per "
-            "layer, so the same rank cut can cost it more"]) + WHY_COMMON
+            "layer, so the same rank cut can cost it more"]) + (WHY_COMMON if mode != "full" else [])
 
     def why(self, *specific: str) -> list[str]:
-        """The section's "why it might differ" list: its own reasons, then those every section shares."""
-        return ["Why it might differ from the paper:", "", *(f"- {s}" for s in (*specific, *self.reasons)), ""]
+        """The section's "why it might differ": its own reasons, then a pointer to those every section shares
+        (listed once, in the header)."""
+        return ["Why it might differ from the paper:", "", *(f"- {s}" for s in specific),
+                "- the differences from the paper's setup listed under \"How it was produced\"", ""]
 
     def add(self, *lines: str) -> None:
         self.lines.extend(lines)
@@ -239,7 +241,7 @@ def _claim_rank(d: _Doc, doc: dict[str, Any]) -> None:
         m, se, _ = mean_accuracy_with_stderr(t)
         means[t.get("x")] = (m, se, t)
         rows.append([_trial_ref(t), str(t.get("label")), _size(t), _pts(m, se), _perplexity(t)])
-    d.add(f"Layers {layers}, all tensors; mean accuracy in points (protocol below).", "")
+    d.add(f"Layers {layers}, all tensors; mean accuracy in points (protocol above).", "")
     d.add(*_table(["trial", "rank", "size change", "mean acc (%)", "WikiText-2 token ppl"], rows))
     rank1 = means.get(1)
     larger = [(m, se, t) for x, (m, se, t) in means.items() if x != 1 and m is not None]
@@ -513,9 +515,8 @@ def _claim_encoder(d: _Doc, enc: dict[str, Any] | None, summary: dict[str, Any])
                                      + (f" ± {se:.3f}" if se is not None else " (stderr n/a)")
                                      + " (the claim: negative)."), "")
     d.figure("encoder-report", "accuracy-vs-size-layer-count", "STS-B vs size reduction (encoder layer-count)")
-    d.add("Why it might differ from the paper:", "",
-          "- model: MiniLM-L6 (22M parameters, 6 layers) stands in for BERT-Base (110M, 12 layers)",
-          "- STS-B is a sample of the validation pairs in quick and standard modes", "")
+    d.add(*d.why("model: MiniLM-L6 (about 22M parameters, 6 layers) stands in for the paper's BERT model; with "
+                 "6 layers each one decomposed is a sixth of the encoder"))
 
 
 def _not_run(d: _Doc, doc: dict[str, Any], summary: dict[str, Any], mode: str) -> None:
@@ -568,7 +569,8 @@ def _header(d: _Doc, out_dir: Path, doc: dict[str, Any], enc: dict[str, Any] | N
              f"{env.get('threads', spec.get('threads', '?'))} thread(s); versions "
              + (", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items()) or "not recorded"),
              f"- results written: {stamp}"]
-    d.add(*lines, "")
+    d.add(*lines, "", "Differences from the paper's setup, which apply to every claim below:", "",
+          *(f"- {r}" for r in d.reasons), "")
     d.add("Verdicts: a difference is compared with 2 standard errors (sqrt(se_a^2 + se_b^2), conservative since "
           "both are measured on the same items): *holds* beyond them in the claimed direction, *does not hold* "
           "beyond them the other way, *inconclusive* within them. Claims of equality hold only when the "
@@ -592,7 +594,7 @@ def _build(out_dir: Path, mode: str | None, assets: str) -> tuple[str, list[Figu
     numbers = headlines(doc)["numbers"]
     dense = doc.get("dense") or {}
     model = summary.get("model") or (doc.get("spec") or {}).get("model") or DEFAULT_MODEL
-    d = _Doc(out_dir, assets, model)
+    d = _Doc(out_dir, assets, model, mode)
     _header(d, out_dir, doc, enc, summary, mode, numbers)
     if not dense:
         d.add("**results.json has no dense record: changes against the dense model cannot be given.**", "")
