@@ -46,7 +46,7 @@ TASK_ITEMS: dict[str, dict[str, int | None]] = {
 }
 #: WikiText-2 token perplexity: (windows, tokens per window) per mode; full = the whole test split's windows.
 PERPLEXITY = {"quick": (1, 256), "standard": (4, 512), "full": (10_000, 1024)}
-EFFICIENCY = {"quick": {"context": 64, "new_tokens": 16, "repeats": 3},
+EFFICIENCY = {"quick": {"context": 64, "new_tokens": 8, "repeats": 3},
               "standard": {"context": 128, "new_tokens": 32, "repeats": 5},
               "full": {"context": 128, "new_tokens": 64, "repeats": 7}}
 ENCODER_ITEMS = {"quick": 200, "standard": 800, "full": None}
