@@ -8,7 +8,6 @@ two. It knows nothing about task kinds beyond ``task.requires``: each task's ``r
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -105,10 +104,7 @@ def evaluate(
     check_data(tasks, options)
     results: list[TaskResult] = []
     for task in tasks:
-        start = time.perf_counter()
-        result = task.run(model, tokenizer, options)
-        if result.seconds is None:
-            result.seconds = time.perf_counter() - start
+        result = task.run(model, tokenizer, options)  # Task.run times the task
         results.append(result)
         if on_result is not None:
             on_result(result)

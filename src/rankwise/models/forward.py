@@ -76,10 +76,10 @@ def output_cache(output: Any) -> Any:
     An output class that declares a cache field is read by that field only: on 5.24 reading the old name
     (when ``cache`` is None) goes through a deprecation shim that prints a warning to the user.
     """
-    declared = getattr(output, "__dataclass_fields__", None)
-    if declared is not None and any(name in declared for name in CACHE_ARGUMENTS):
-        name = next(name for name in CACHE_ARGUMENTS if name in declared)
-        return getattr(output, name)
+    declared = getattr(output, "__dataclass_fields__", None) or {}
+    field = next((name for name in CACHE_ARGUMENTS if name in declared), None)
+    if field is not None:
+        return getattr(output, field)
     for name in CACHE_ARGUMENTS:
         value = getattr(output, name, None)
         if value is not None:

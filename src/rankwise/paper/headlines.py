@@ -29,14 +29,14 @@ def mean_accuracy_with_stderr(record: dict[str, Any]) -> tuple[float | None, flo
         return None, None, "no accuracy task"
     k = len(entries)
     mean = sum(m["value"] for _, m in entries) / k
-    ses = [_acc_stderr(m) for _, m in entries]
+    ses = [acc_stderr(m) for _, m in entries]
     se = math.sqrt(sum(s * s for s in ses)) / k if all(s is not None for s in ses) else None
     ns = sorted({m.get("n") for _, m in entries})
     items = f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}-{ns[-1]}"
     return mean, se, f"acc, mean of {k} tasks ({', '.join(n for n, _ in entries)}), {items} items each"
 
 
-def _acc_stderr(m: dict[str, Any]) -> float | None:
+def acc_stderr(m: dict[str, Any]) -> float | None:
     """The task's stderr; for an accuracy without one (MMLU's group), the sample stderr of its n 0/1 scores,
     sqrt(p(1-p)/(n-1)) - the formula the per-task values use."""
     if m.get("stderr") is not None:

@@ -32,7 +32,7 @@ from rankwise.errors import RankwiseError
 from rankwise.fileio import atomic_path, check_output_path, write_text_atomic
 from rankwise.paper.headlines import (
     TARGET_REDUCTION,
-    _acc_stderr,
+    acc_stderr,
     headlines,
     mean_accuracy_with_stderr,
     nine_percent_point,
@@ -352,7 +352,7 @@ def _claim_nine(d: _Doc, doc: dict[str, Any], numbers: dict[str, Any]) -> None:
                          _perplexity(dense), _perplexity(point), _pct(change), str(n), "n/a"])
             continue
         change = None if a.get("value") is None or b.get("value") is None else b["value"] - a["value"]
-        a_se, b_se = _acc_stderr(a), _acc_stderr(b)  # MMLU's group has none: binomial from n and p
+        a_se, b_se = acc_stderr(a), acc_stderr(b)  # MMLU's group has none: binomial from n and p
         rows.append([TASK_NAMES.get(task, task), str(metric), _pts(a.get("value"), a_se), _pts(b.get("value"), b_se),
                      _signed_pts(change, _combined(a_se, b_se)), str(n), paper_text])
     nine = numbers.get("nine_percent") or {}
