@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -248,6 +249,19 @@ def test_peak_memory_sees_an_allocation():
         del x
     assert pm.result.increase_bytes >= 200 << 20
     assert pm.result.to_dict()["device"] == "cpu"
+
+
+def test_peak_memory_falls_back_to_sampling_where_the_kernel_mark_does_not_follow(monkeypatch):
+    """On a kernel whose VmHWM ignores memory mapped and unmapped after a reset, the sampler measures."""
+    from rankwise.efficiency import memory
+
+    monkeypatch.setattr(memory, "_hwm_follows_allocations", lambda: False)
+    with memory.PeakMemory("cpu") as pm:
+        x = torch.ones(64, 1 << 20)  # 256 MiB, touched
+        time.sleep(0.05)
+        del x
+    assert pm.result.method == "sampled"
+    assert pm.result.increase_bytes >= 200 << 20
 
 
 def test_peak_memory_is_not_hidden_by_garbage_freed_during_the_work():

@@ -128,11 +128,13 @@ def test_block_removal_is_a_smaller_model_and_restores_exactly():
     # a model built with only blocks 1 and 3 gives the same logits, with and without a KV cache
     from transformers import DynamicCache
 
+    from rankwise.models.forward import cache_kwargs
+
     with torch.inference_mode():
         removed = model(ids).logits
         cache = DynamicCache(config=model.config)
-        first = model(ids[:, :8], past_key_values=cache, use_cache=True).logits
-        rest = model(ids[:, 8:], past_key_values=cache, use_cache=True).logits
+        first = model(ids[:, :8], **cache_kwargs(model, cache)).logits
+        rest = model(ids[:, 8:], **cache_kwargs(model, cache)).logits
     torch.testing.assert_close(torch.cat([first, rest], dim=1), removed, rtol=1e-4, atol=1e-4)
     assert not torch.equal(removed, before)
     restore_blocks(removal)

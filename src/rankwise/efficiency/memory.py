@@ -8,14 +8,19 @@ differs between a dense and a decomposed model, next to their static weight byte
 How the CPU peak is found, best first (the method is recorded with the number):
 
 * ``vmhwm``: Linux resets the "high water mark" when ``5`` is written to ``/proc/self/clear_refs``; the
-  exact peak is then ``VmHWM`` in ``/proc/self/status``;
+  exact peak is then ``VmHWM`` in ``/proc/self/status``. Some kernels accept the reset but do not raise the
+  mark for memory mapped and unmapped in between (seen on a CI machine: a touched 256 MiB tensor left
+  ``VmHWM`` 28 KiB above the baseline), so the method is used only after a once-per-process probe shows the
+  mark rising for a touched, then unmapped, 64 MiB buffer;
 * ``sampled``: a thread samples RSS (psutil) every millisecond: a short spike can be missed;
 * ``ru_maxrss``: the process lifetime peak (``resource``), which cannot be reset: an upper bound.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
+import mmap
 import os
 import threading
 from dataclasses import asdict, dataclass
@@ -80,6 +85,28 @@ def _reset_hwm() -> bool:
     return hwm is not None and rss is not None and hwm <= rss + (1 << 20)
 
 
+_PROBE_BYTES = 64 << 20
+
+
+@functools.cache
+def _hwm_follows_allocations() -> bool:
+    """Whether ``VmHWM`` rises for memory that is mapped, touched and unmapped after a reset.
+
+    Large tensors are ``mmap``-ed and returned with ``munmap``, exactly as this probe's buffer, so a kernel
+    that passes it reports their peak; one that fails it would report the baseline as the peak.
+    """
+    if not _reset_hwm():
+        return False
+    before = _status_kib("VmHWM")
+    buffer = mmap.mmap(-1, _PROBE_BYTES)
+    try:
+        buffer.write(b"\x01" * _PROBE_BYTES)  # touch every page
+    finally:
+        buffer.close()
+    after = _status_kib("VmHWM")
+    return before is not None and after is not None and after - before >= _PROBE_BYTES * 3 // 4
+
+
 class _Sampler(threading.Thread):
     """Samples RSS every ``interval`` seconds until stopped; keeps the maximum."""
 
@@ -120,8 +147,9 @@ class PeakMemory:
         # by the cyclic collector in the middle of the measured work, lowering RSS below the baseline and
         # hiding the work's own peak; collect it before the baseline is taken.
         gc.collect()
+        trust_hwm = _hwm_follows_allocations()
         self._baseline = current_rss()
-        if _reset_hwm():
+        if trust_hwm and _reset_hwm():
             self._method = "vmhwm"
         else:
             try:
