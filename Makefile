@@ -31,12 +31,16 @@ setup: $(STAMP)
 run: setup
 	RANKWISE_DATA=$(DATA) $(BIN)/rankwise paper --quick --model $(MODEL) -o results/paper
 
+# One pytest-xdist worker per core, whole files per worker (a file's module fixtures, such as the lm-eval
+# parity runs, are built once); each worker's torch takes its share of the cores (tests/conftest.py).
+XDIST := -n auto --dist loadfile
+
 test: setup
-	$(TEST_ENV) $(BIN)/python -m pytest -q
+	$(TEST_ENV) $(BIN)/python -m pytest -q $(XDIST)
 
 # Everything except tests that load a real model, run lm-eval or start a process: under 2 minutes.
 test-fast: setup
-	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not slow"
+	$(TEST_ENV) $(BIN)/python -m pytest -q $(XDIST) -m "not slow"
 
 # The newest versions pyproject.toml allows, in a separate venv: upstream drift shows here before users see it.
 test-latest:
@@ -45,7 +49,7 @@ test-latest:
 	.venv-latest/bin/pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev]'
 	.venv-latest/bin/pip install --quiet --no-deps $(MODELS)
 	.venv-latest/bin/pip list --format=freeze | grep -iE '^(torch|transformers|accelerate|lm.eval|optuna)='
-	$(TEST_ENV) .venv-latest/bin/python -m pytest -q
+	$(TEST_ENV) .venv-latest/bin/python -m pytest -q $(XDIST)
 
 # Refresh the lock from pyproject.toml with pip-tools' resolver (pip's own, so it sees the CPU torch on disk).
 lock: setup

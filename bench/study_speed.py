@@ -9,7 +9,8 @@ Each runs twice as a study (the dense model is measured once per study in both m
 
 * **reuse** (the default): the model is loaded once per worker and the dense modules are swapped back
   after every trial; factors of a (target, method, rank) are computed once and reused; calibration
-  statistics (data-aware methods) are collected once per worker; the hidden states at each layer's input
+  statistics (data-aware methods) are collected once per worker; task documents and token ids are
+  derived from the data once per worker; the hidden states at each layer's input
   are recorded during the dense pass and replayed, so a trial changing only layers >= k skips blocks
   0..k-1 (bit-identical results);
 * **no reuse** (``execution.reuse: false``): a fresh model load for every trial, every factor computed

@@ -15,11 +15,21 @@ os.environ.setdefault("RANKWISE_DATA", str(REPO.parent / "shared" / "data"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+#: Under pytest-xdist (``make test`` runs one worker per core) the cores are shared among the workers, so each
+#: worker's torch takes its share; oversubscribed OpenMP threads would slow every worker down.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 #: Fixtures that load a real bundled model: a test using one (directly or through another fixture) is slow.
 REAL_MODEL_FIXTURES = frozenset({"smollm", "minilm"})
+
+
+#: Files that take minutes (lm-eval parity runs, a whole paper run, kill loops, allocation profiles): they
+#: are collected first, so the pytest-xdist workers (whole files each) start the longest work first and
+#: finish together. Only the order changes; tests within a file keep theirs.
+HEAVY_FIRST = ("test_eval_parity.py", "test_paper.py", "test_hostile.py", "test_streaming.py",
+               "test_allocation.py", "test_study_workers.py", "test_study_search.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -29,6 +39,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
 
 
 @pytest.fixture(scope="session")

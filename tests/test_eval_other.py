@@ -119,6 +119,13 @@ def test_token_perplexity_equals_a_plain_loop(smollm, data_dir):
     assert 10 < ppl < 100
     assert ppl == pytest.approx(expected, rel=1e-4)
     assert result.stderr["token_perplexity"] is not None and result.stderr["token_perplexity"] > 0
+    # a study worker's derived cache: the split is tokenized once, the numbers do not change
+    derived: dict = {}
+    again = [get_task("wikitext_token").run(model, tokenizer, _opts(seq_len=256, limit=2, batch_size=2,
+                                                                   derived=derived)) for _ in range(2)]
+    assert [r.metrics for r in again] == [result.metrics] * 2
+    assert [k[:2] for k in derived] == [("wikitext", "raw"), ("wikitext_token", "ids")]
+    assert derived[next(k for k in derived if k[1] == "ids")][:1000] == ids[:1000]
 
 
 def test_rolling_wikitext_matches_lm_eval(smollm, data_dir, tmp_path):
@@ -376,3 +383,12 @@ def test_write_local_tasks_writes_yaml_including_lm_evals_task_and_the_converted
     group = yaml.safe_load((tmp_path / "_mmlu_stem.yaml").read_text())
     assert group["group"] == "mmlu_stem" and len(group["task"]) == 19
     assert (tmp_path / "mmlu_anatomy.yaml").is_file() and (tmp_path / "mmlu_anatomy.dev.jsonl").is_file()
+
+
+def test_derived_values_are_made_once_only_with_a_cache():
+    calls: list[int] = []
+    make = lambda: calls.append(1) or len(calls)  # noqa: E731
+    assert [EvalOptions().derive(("k",), make) for _ in range(2)] == [1, 2]  # no cache: made every time
+    options = EvalOptions(derived={})
+    assert [options.derive(("k",), make) for _ in range(2)] == [3, 3] and options.derived == {("k",): 3}
+    assert options == EvalOptions()  # the cache is not part of the options' identity

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from rankwise.errors import DataError, RankwiseError
 from rankwise.evaluation.results import TaskResult
@@ -21,6 +21,7 @@ from rankwise.evaluation.sampling import Subset, select
 from rankwise.settings import data_dir as default_data_dir
 
 TaskKind = Literal["loglikelihood", "perplexity", "generation", "embedding"]
+T = TypeVar("T")
 
 
 @dataclass
@@ -41,6 +42,21 @@ class EvalOptions:
     progress: bool = True
     #: log-likelihood scoring strategy: "auto" (the fastest exact one), "packed", "shared-context" or "full"
     strategy: str = "auto"
+    #: What tasks derive from their data files and the tokenizer alone (parsed documents, token ids), kept
+    #: by a caller that evaluates the same tasks many times with one tokenizer (a study worker with reuse
+    #: on: every trial changes the model, never these). None: derived afresh on every evaluation, as a
+    #: separate ``rankwise eval`` run does. Not part of the options' identity.
+    derived: dict[tuple[Any, ...], Any] | None = field(default=None, compare=False, repr=False)
+
+    def derive(self, key: tuple[Any, ...], make: Callable[[], T]) -> T:
+        """``make()``, or the value made earlier for ``key`` when these options carry a ``derived`` cache.
+
+        ``key`` names everything the value depends on besides the tokenizer (task, file, shots, seed)."""
+        if self.derived is None:
+            return make()
+        if key not in self.derived:
+            self.derived[key] = make()
+        return self.derived[key]
 
 
 Records = dict[str, list[dict[str, Any]]]  # split name -> records in the layout lm-eval's dataset has

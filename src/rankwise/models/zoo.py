@@ -355,10 +355,12 @@ def gguf_cache_folder(gguf_path: Path) -> Path:
         _convert_gguf(gguf_path, tmp)
         record = {"gguf": str(gguf_path), "sha256": digest, "files": record_files(tmp, exclude=[_CACHE_DONE])}
         (tmp / _CACHE_DONE).write_text(json.dumps(record, indent=1))
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
+        try:
             os.replace(tmp, target)
+        except OSError:
+            if not (target / _CACHE_DONE).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same conversion first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -11,6 +11,8 @@ would otherwise recompute per trial:
   layer sets overlap; a rank sweep repeated over studies shares all of them);
 * calibration statistics for every target any point may need, collected (or read from the on-disk cache)
   once per worker instead of once per trial;
+* what the tasks derive from their data and the tokenizer (parsed documents, WikiText-2's token ids):
+  once per worker, through :attr:`EvalOptions.derived`;
 * the dense model's size and decode bytes, for ratios and the ideal latency change.
 
 Every metric is deterministic: evaluation uses fixed item subsets, the worker fixes its thread count
@@ -142,6 +144,8 @@ class PointRunner:
         self.dense_decode_bytes = self._decode_bytes()
         self.factors = FactorCache(spec.execution.factor_cache_mb * 2**20 if self.reuse else 0)
         self.hidden = HiddenStateCache(self.model, spec.execution.hidden_cache_mb * 2**20) if self.reuse else None
+        #: task documents and token ids, derived from the data and the tokenizer once per worker (reuse only)
+        self.derived: dict[tuple[Any, ...], Any] | None = {} if self.reuse else None
         self.stats: dict[str, Any] | None = None
         self.calibration_info: dict[str, Any] | None = None
         if self.reuse:
@@ -203,7 +207,7 @@ class PointRunner:
     def options(self, limit: int | None, sample: int | None, seed: int, shots: int | None = None,
                 seq_len: int | None = None, *, pooled: bool = False) -> EvalOptions:
         return EvalOptions(limit=limit, sample=sample, seed=seed, shots=shots, seq_len=seq_len,
-                           progress=self.progress, pooled=pooled)
+                           progress=self.progress, pooled=pooled, derived=self.derived)
 
     def check_data(self) -> None:
         check_study_data(self.spec)

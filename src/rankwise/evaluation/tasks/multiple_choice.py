@@ -208,7 +208,8 @@ class MultipleChoiceTask(Task):
 
     def evaluate(self, model: Any, tokenizer: Any, options: EvalOptions) -> TaskResult:
         shots = self.resolve_shots(options)
-        docs = self.load_docs(options, shots)
+        docs = options.derive((self.name, "docs", shots, options.data_dir, options.seed, options.pooled),
+                              lambda: self.load_docs(options, shots))
         subset = self.subset(len(docs), options)
         chosen = [docs[i] for i in subset.indices]
         scored = score_docs(model, tokenizer, chosen, options, self.name)
