@@ -25,11 +25,11 @@ torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 REAL_MODEL_FIXTURES = frozenset({"smollm", "minilm"})
 
 
-#: Files that take minutes (lm-eval parity runs, a whole paper run, kill loops, allocation profiles): they
-#: are collected first, so the pytest-xdist workers (whole files each) start the longest work first and
-#: finish together. Only the order changes; tests within a file keep theirs.
-HEAVY_FIRST = ("test_eval_parity.py", "test_paper.py", "test_hostile.py", "test_streaming.py",
-               "test_allocation.py", "test_study_workers.py", "test_study_search.py")
+#: The two files that take longest (the lm-eval parity runs, a whole paper run) are collected first, so the
+#: two pytest-xdist workers (whole files each) start one each at once. Only these two: xdist hands out its
+#: first files round-robin, so listing more heavy files here would stack them on one worker up front; the
+#: others are pulled by whichever worker is free. Only the order changes; tests within a file keep theirs.
+HEAVY_FIRST = ("test_eval_parity.py", "test_paper.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

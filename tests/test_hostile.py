@@ -698,7 +698,7 @@ def test_kill_loop_decompose(tiny, tmp_path):
             reference.update(files)
         assert files == reference  # the previous OUT (every run writes the same), never a partial one
 
-    _kill_loop(argv, out, whole, kills=8, seed=15)
+    _kill_loop(argv, out, whole, kills=5, seed=15)
 
 
 @pytest.fixture(scope="module")
@@ -727,7 +727,7 @@ def test_kill_loop_eval_json(tiny_with_tokenizer, tmp_path):
         doc = json.loads(path.read_text())  # complete, parseable JSON: never a truncated file
         assert doc["results"]["arc_easy"]["n"] == 20
 
-    _kill_loop(argv, out, whole, kills=8, seed=16)
+    _kill_loop(argv, out, whole, kills=5, seed=16)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

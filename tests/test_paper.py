@@ -26,7 +26,7 @@ def _plan(mode, tmp_path, **kw):
 
 @pytest.mark.parametrize("mode, counts, items, total", [
     ("quick", [1, 2, 3, 4, 6], 25, 21),
-    ("standard", [1, *range(2, 31, 2)], 300, 89),
+    ("standard", [1, *range(2, 31, 2)], 100, 16 + 16 + 5 + 9 + 8 + 4),
     ("full", list(range(1, 31)), None, 30 + 30 + 5 + 16 + 30 + 6),
 ])
 def test_plan_of_each_mode(tmp_path, mode, counts, items, total):
@@ -40,7 +40,7 @@ def test_plan_of_each_mode(tmp_path, mode, counts, items, total):
     arc = next(t for t in decoder["tasks"] if t["name"] == "arc_easy")
     assert arc.get("sample") == items
     mmlu = next(t for t in decoder["tasks"] if t["name"] == "mmlu")
-    assert mmlu.get("sample") == {"quick": 20, "standard": 300, "full": None}[mode]
+    assert mmlu.get("sample") == {"quick": 20, "standard": 100, "full": None}[mode]
     assert mmlu.get("pooled", False) == (mode != "full")  # drawn from all subjects' questions together
     names = [t["name"] for t in decoder["tasks"]]
     assert ("gsm8k" in names) == (mode == "full")
@@ -100,6 +100,21 @@ def test_headlines_from_a_document():
     assert "not measured (not measurable: no decode step)" in headlines(doc)["lines"][2]
 
 
+def test_report_is_rebuilt_only_when_its_results_or_rankwise_change(tmp_path, monkeypatch):
+    import rankwise
+    from rankwise.paper.run import REPORT_STAMP, _report_is_current, report_stamp
+
+    doc = {"trials": [{"number": 0, "metrics": {"arc_easy": {"value": 0.5}}}], "spec": {"name": "s"}}
+    (tmp_path / "report.html").write_text("<html></html>")
+    assert not _report_is_current(tmp_path, report_stamp(doc))  # no stamp: built by an older rankwise
+    (tmp_path / REPORT_STAMP).write_text(report_stamp(doc) + "\n")
+    assert _report_is_current(tmp_path, report_stamp(doc))
+    changed = {**doc, "trials": [*doc["trials"], {"number": 1}]}
+    assert not _report_is_current(tmp_path, report_stamp(changed))
+    monkeypatch.setattr(rankwise, "__version__", "9.9.9")
+    assert not _report_is_current(tmp_path, report_stamp(doc))
+
+
 def test_paper_rejects_two_modes(capsys):
     code, _, err = run_cli(["paper", "--quick", "--full"], capsys)
     assert code == 2 and "choose one of --quick, --standard, --full" in err
@@ -124,9 +139,12 @@ def test_paper_quick_end_to_end(tmp_path, capsys, data_dir):
     assert "STS-B spearman" in stdout and str(out / "report" / "report.html") in stdout
     assert "winogrande skipped" in stderr
     # a rerun resumes: every point is done, nothing runs twice
+    built = [(out / r / "report.html").stat().st_mtime_ns for r in ("report", "encoder-report")]
     code, stdout2, stderr2 = run_cli(argv, capsys)
     assert code in (0, None), stderr2
     assert "9%-size point" in stdout2
+    # nothing changed: the reports are not rebuilt (the same files, not rewritten)
+    assert [(out / r / "report.html").stat().st_mtime_ns for r in ("report", "encoder-report")] == built
     again = json.loads((out / "results.json").read_text())
     assert [t["number"] for t in again["trials"]] == [t["number"] for t in doc["trials"]]
 

@@ -62,7 +62,7 @@ WHY_DEFAULT_MODEL = [
     "the bundled weights come from a quantized GGUF (Q4_1, dequantized), not the original half-precision weights",
 ]
 WHY_COMMON = [
-    "subset sizes: seeded samples of a few dozen (quick) or a few hundred (standard) items per task, so standard "
+    "subset sizes: seeded samples of a few dozen (quick) or 100 (standard; HellaSwag 50) items per task, so standard "
     "errors are several points; the paper uses the whole test sets",
 ]
 

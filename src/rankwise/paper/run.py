@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rankwise.errors import RankwiseError, first_line
-from rankwise.fileio import write_json_atomic
+from rankwise.fileio import write_json_atomic, write_text_atomic
 from rankwise.paper.headlines import encoder_line, headlines
 from rankwise.paper.plan import PaperPlan
 from rankwise.studies.export import format_eta
@@ -50,6 +50,31 @@ class EtaPrinter:
             finish = time.strftime("%H:%M UTC", time.gmtime(time.time() + eta))
             self.log(f"first trial took {record.get('seconds', spent):.1f} s ({spent:.0f} s with the dense model "
                      f"and set-up); {remaining} point(s) left: estimated {format_eta(eta)} (about {finish})")
+
+
+#: In a report folder: the stamp of the document and rankwise version the report was built from.
+REPORT_STAMP = ".built-from"
+
+
+def report_stamp(doc: dict[str, Any]) -> str:
+    """A hash of the results document and rankwise's version: a rerun of a finished plan whose stamp matches
+    the report's skips rebuilding it (about 30 s of figures on one core); any new trial, or another
+    rankwise version, rebuilds it."""
+    import hashlib
+    import json
+
+    import rankwise
+    from rankwise.fileio import json_safe
+
+    text = json.dumps(json_safe(doc), default=str, allow_nan=False, sort_keys=True)
+    return hashlib.sha256(f"{rankwise.__version__}\n{text}".encode()).hexdigest()
+
+
+def _report_is_current(report: Path, stamp: str) -> bool:
+    try:
+        return (report / "report.html").is_file() and (report / REPORT_STAMP).read_text().strip() == stamp
+    except OSError:
+        return False
 
 
 def run_plan(plan: PaperPlan, out: Path, storage: str | None = None, workers: int = 1, *,
@@ -95,8 +120,12 @@ def run_plan(plan: PaperPlan, out: Path, storage: str | None = None, workers: in
             continue
         doc = study_document(storage, study["name"])
         write_json_atomic(out / f"{prefix}results.json", doc)
-        report = out / f"{prefix}report"
-        build_report(doc, report, source=f"{prefix}results.json")
+        report, stamp = out / f"{prefix}report", report_stamp(doc)
+        if _report_is_current(report, stamp):
+            log(f"{report / 'report.html'} is up to date (built from these results by this rankwise version)")
+        else:
+            build_report(doc, report, source=f"{prefix}results.json")
+            write_text_atomic(report / REPORT_STAMP, stamp + "\n")
         failed = sum(1 for t in doc["trials"] if t["state"] != "COMPLETE")
         written["studies"][study["name"]] = {"results": str(out / f"{prefix}results.json"),
                                              "report": str(report / "report.html"),
