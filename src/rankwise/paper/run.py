@@ -63,11 +63,20 @@ def report_stamp(doc: dict[str, Any]) -> str:
     import hashlib
     import json
 
-    import rankwise
     from rankwise.fileio import json_safe
 
     text = json.dumps(json_safe(doc), default=str, allow_nan=False, sort_keys=True)
-    return hashlib.sha256(f"{rankwise.__version__}\n{text}".encode()).hexdigest()
+    return hashlib.sha256(f"{rankwise_version()}\n{text}".encode()).hexdigest()
+
+
+def rankwise_version() -> str:
+    """The installed rankwise's version (read from its metadata: the package root sits above this layer)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rankwise")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def _report_is_current(report: Path, stamp: str) -> bool:
