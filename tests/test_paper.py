@@ -111,7 +111,7 @@ def test_report_is_rebuilt_only_when_its_results_or_rankwise_change(tmp_path, mo
     assert _report_is_current(tmp_path, report_stamp(doc))
     changed = {**doc, "trials": [*doc["trials"], {"number": 1}]}
     assert not _report_is_current(tmp_path, report_stamp(changed))
-    monkeypatch.setattr(run, "rankwise_version", lambda: "9.9.9")
+    monkeypatch.setattr(run, "installed_version", lambda: "9.9.9")
     assert not _report_is_current(tmp_path, report_stamp(doc))
 
 

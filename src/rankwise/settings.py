@@ -81,3 +81,14 @@ def check_data_dir(path: str | os.PathLike[str] | None, option: str = "--data-di
     if folder.exists():
         raise DataError(f"{option} {folder} is a file, not a folder (give the benchmark data folder)")
     raise DataError(f"{option} {folder} does not exist (give the benchmark data folder, or set {DATA_ENV})")
+
+
+def installed_version() -> str:
+    """rankwise's installed version, from its package metadata (usable from every layer, unlike the package
+    root's ``__version__``); "unknown" when run from a source tree that was never installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rankwise")
+    except PackageNotFoundError:
+        return "unknown"

@@ -4,7 +4,7 @@ A *mode* fixes how much is measured, never what: ``quick`` (seeded subsets of a 
 points per sweep; about 11 minutes on 2 idle CPU cores, measured), ``standard`` (100 items per task,
 HellaSwag 50; the layer-count and removal sweeps at every second layer count, the findings sweeps at the
 points that carry each finding: 58 decoder points, projected at about two hours there from measured
-per-item costs, see :data:`STANDARD_COST`) and ``full`` (complete test sets, every point, GSM8K
+per-item costs, below) and ``full`` (complete test sets, every point, GSM8K
 included; for a GPU or a lot of time). Every sweep of the paper is in every mode.
 
 Why ``standard`` is not "a few hundred items per task": on 2 CPU cores one item of each of the six tasks
@@ -56,10 +56,6 @@ EFFICIENCY = {"quick": {"context": 64, "new_tokens": 8, "repeats": 3},
               "standard": {"context": 128, "new_tokens": 16, "repeats": 5},
               "full": {"context": 128, "new_tokens": 64, "repeats": 7}}
 ENCODER_ITEMS = {"quick": 200, "standard": 800, "full": None}
-#: Seconds per item of each task, dense SmolLM2-135M on 2 CPU cores, 2 threads (measured 2026-12-03): what
-#: the standard sizes were chosen from (the run itself prints the time measured for its first trial).
-STANDARD_COST = {"arc_easy": 0.075, "arc_challenge": 0.105, "hellaswag": 0.38, "mmlu": 0.25,
-                 "truthfulqa_mc1": 0.20, "truthfulqa_mc2": 0.27}
 
 
 @dataclass

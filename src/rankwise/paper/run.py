@@ -20,6 +20,7 @@ from rankwise.errors import RankwiseError, first_line
 from rankwise.fileio import write_json_atomic, write_text_atomic
 from rankwise.paper.headlines import encoder_line, headlines
 from rankwise.paper.plan import PaperPlan
+from rankwise.settings import installed_version
 from rankwise.studies.export import format_eta
 
 Log = Callable[[str], None]
@@ -66,17 +67,7 @@ def report_stamp(doc: dict[str, Any]) -> str:
     from rankwise.fileio import json_safe
 
     text = json.dumps(json_safe(doc), default=str, allow_nan=False, sort_keys=True)
-    return hashlib.sha256(f"{rankwise_version()}\n{text}".encode()).hexdigest()
-
-
-def rankwise_version() -> str:
-    """The installed rankwise's version (read from its metadata: the package root sits above this layer)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("rankwise")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"
+    return hashlib.sha256(f"{installed_version()}\n{text}".encode()).hexdigest()
 
 
 def _report_is_current(report: Path, stamp: str) -> bool:

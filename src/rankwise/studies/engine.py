@@ -39,6 +39,7 @@ from typing import Any
 
 from rankwise.errors import RankwiseError, first_line
 from rankwise.fileio import json_safe
+from rankwise.settings import installed_version
 from rankwise.studies.points import DesignPoint, expand_grid, validate_points
 from rankwise.studies.spec import StudySpec, spec_from_stored
 from rankwise.studies.storage import open_storage, resolve_name, study_names, transition
@@ -55,14 +56,12 @@ def directions(spec: StudySpec) -> list[str]:
 
 
 def environment(spec: StudySpec) -> dict[str, Any]:
-    from importlib.metadata import version
-
     import optuna
     import torch
     import transformers
 
     return {"model": spec.model, "dtype": spec.dtype, "device": spec.device,
-            "versions": {"rankwise": version("rankwise"), "torch": torch.__version__,
+            "versions": {"rankwise": installed_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "optuna": optuna.__version__},
             "threads": spec.threads}
 
