@@ -334,13 +334,15 @@ def test_profile_prediction_is_monotone_and_zero_when_dense():
 @pytest.mark.slow
 def test_profile_on_the_real_model_is_cached_and_leaves_it_unchanged(smollm, tmp_path, monkeypatch):
     from rankwise.allocation.sensitivity import ProfileSettings, profile
+    from rankwise.decomposition.removal import remove_blocks
 
     monkeypatch.setenv("RANKWISE_CACHE", str(tmp_path))
     model = copy.deepcopy(smollm.model)
-    before = {k: v.clone() for k, v in model.state_dict().items() if "layers.29" in k}
+    remove_blocks(model, range(3, 30))  # the real weights of its first 3 blocks: profiling 30 adds only time
+    before = {k: v.clone() for k, v in model.state_dict().items() if "layers.2." in k}
     settings = ProfileSettings(method="svd", fractions=(0.5,), n_samples=1, seq_len=16)
     prof = profile(model, smollm.tokenizer, settings, progress=False)
-    assert len(prof.targets) == 210 and not prof.cache_hit
+    assert len(prof.targets) == 21 and not prof.cache_hit
     assert all(len(t.kl) == 1 and t.kl[0] >= 0 for t in prof.targets)
     assert sum(t.kl[0] for t in prof.targets) > 0
     for k, v in model.state_dict().items():
@@ -353,17 +355,24 @@ def test_profile_on_the_real_model_is_cached_and_leaves_it_unchanged(smollm, tmp
 @pytest.mark.slow
 def test_allocate_cli_writes_a_plan_decompose_takes(smollm, tmp_path, capsys):
     from rankwise.decomposition.apply import decompose_ as decompose
+    from rankwise.decomposition.removal import remove_blocks
     from rankwise.design.plan import Plan
 
-    out = tmp_path / "plan.yaml"  # the user cache: its converted GGUF is reused (energy needs no profile)
-    code, stdout, err = run_cli(["allocate", "smollm2-135m", "--budget", "0.8", "--unit", "decoder-params",
+    # The default model's real weights, its first 3 blocks saved as a folder: 30 blocks add only time.
+    small = copy.deepcopy(smollm.model)
+    remove_blocks(small, range(3, 30))
+    folder = tmp_path / "smollm-3-blocks"
+    small.save_pretrained(folder)
+    smollm.tokenizer.save_pretrained(folder)
+    out = tmp_path / "plan.yaml"  # energy needs no profile
+    code, stdout, err = run_cli(["allocate", str(folder), "--budget", "0.8", "--unit", "decoder-params",
                                  "--method", "svd", "--allocator", "energy", "-o", str(out), "--quiet"], capsys)
     assert code in (0, None), err
     assert "decoder-params" in stdout
     plan = Plan.from_file(out)
-    model = copy.deepcopy(smollm.model)
+    model = copy.deepcopy(small)
     report = decompose(model, plan, progress=False)
-    acc = accounting_for(smollm.model)
+    acc = accounting_for(small)
     kept = sum(t.params_after for t in report.targets) + sum(
         t.dense for t in acc.targets if (t.layer, t.role) not in {(r.layer, r.role) for r in report.targets})
     assert kept / acc.decoder_params <= 0.8

@@ -13,10 +13,8 @@ import hashlib
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -654,28 +652,50 @@ def _files(folder: Path) -> dict[str, str]:
             if p.name != "decomposition_report.json"}  # the report records seconds: differs per run
 
 
+class _KillServer:
+    """tests/kill_server.py: the CLI imported once, one forked child per run (kills land in the work)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("kill_server.py"))], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert json.loads(self.proc.stdout.readline()) == {"ready": True}
+
+    def run(self, argv: list[str], kill_after: float | None = None) -> dict:
+        self.proc.stdin.write(json.dumps({"argv": argv, "kill_after": kill_after}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
 def _kill_loop(argv: list[str], out: Path, check_whole, kills: int, seed: int) -> list[float]:
-    """Run ``argv`` once to time it, then ``kills`` times killed at a random instant; returns the kill times.
-    After each kill ``check_whole(out)`` must hold if OUT exists, no temp entry of OUT may be left once the
-    next run has started, and a final uninterrupted rerun must succeed."""
+    """Run ``argv`` (a real ``rankwise`` process) once, then ``kills`` times killed at a random instant of its
+    work, then once more uninterrupted; returns the kill times. After each kill ``check_whole(out)`` must hold if
+    OUT exists, and no temp entry of OUT may be left once the final run has ended.
+
+    The killed runs are children forked from one process that imported the CLI already (tests/kill_server.py),
+    so every kill lands in the command's own work rather than in interpreter start-up."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    t0 = time.monotonic()
     subprocess.run(argv, check=True, env=env, capture_output=True)
-    duration = time.monotonic() - t0
     check_whole(out)
-    rng = random.Random(seed)
-    points = []
-    for _ in range(kills):
-        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        point = rng.uniform(0.3, 1.05) * duration  # import time to just past the end
-        points.append(point)
-        try:
-            proc.wait(timeout=point)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-        if out.exists():
-            check_whole(out)
+    server = _KillServer(env)
+    try:
+        timed = server.run(argv[1:])
+        assert timed["code"] == 0, timed
+        duration = timed["seconds"]
+        rng = random.Random(seed)
+        points, killed = [], 0
+        for _ in range(kills):
+            point = rng.uniform(0.02, 1.05) * duration  # from the start of the work to just past its end
+            points.append(point)
+            killed += server.run(argv[1:], kill_after=point)["killed"]
+            if out.exists():
+                check_whole(out)
+        assert killed >= kills // 2, f"only {killed} of {kills} runs were killed before they ended"
+    finally:
+        server.close()
     result = subprocess.run(argv, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     check_whole(out)
@@ -698,7 +718,7 @@ def test_kill_loop_decompose(tiny, tmp_path):
             reference.update(files)
         assert files == reference  # the previous OUT (every run writes the same), never a partial one
 
-    _kill_loop(argv, out, whole, kills=5, seed=15)
+    _kill_loop(argv, out, whole, kills=20, seed=15)
 
 
 @pytest.fixture(scope="module")
@@ -727,7 +747,7 @@ def test_kill_loop_eval_json(tiny_with_tokenizer, tmp_path):
         doc = json.loads(path.read_text())  # complete, parseable JSON: never a truncated file
         assert doc["results"]["arc_easy"]["n"] == 20
 
-    _kill_loop(argv, out, whole, kills=5, seed=16)
+    _kill_loop(argv, out, whole, kills=20, seed=16)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -19,7 +19,7 @@ from rankwise.fileio import write_json_atomic, write_text_atomic
 from rankwise.reports import document as d
 from rankwise.reports import html as html_mod
 from rankwise.reports.figures import FigureEntry, study_figures
-from rankwise.reports.style import png_bytes, save_figure
+from rankwise.reports.style import png_bytes, save_figure, tight_boxes
 from rankwise.reports.tables import best_under_budgets, columns, fmt, rows, state_counts, to_csv, to_markdown
 
 REPORT_SCHEMA = "rankwise.report/1"
@@ -119,9 +119,10 @@ def build_report(doc: dict[str, Any], out: str | Path, *, source: str = "results
             if e.figure is None:
                 figures.append((e, None))
                 continue
-            paths = save_figure(e.figure, tmp / "figures", e.name)
+            whole, bare = tight_boxes(e.figure)
+            paths = save_figure(e.figure, tmp / "figures", e.name, box=whole)
             e.files = {fmt_name: f"figures/{p.name}" for fmt_name, p in paths.items()}
-            figures.append((e, png_bytes(e.figure, with_caption=False)))
+            figures.append((e, png_bytes(e.figure, with_caption=False, box=bare)))
         page = html_mod.render(doc, source=source, generated=generated, cols=cols, table=table, best=best,
                                figures=figures, counts=counts)
         write_text_atomic(tmp / "report.html", page)
