@@ -378,6 +378,25 @@ def test_allocate_cli_writes_a_plan_decompose_takes(smollm, tmp_path, capsys):
     assert kept / acc.decoder_params <= 0.8
     assert kept / acc.decoder_params > 0.79
     assert (tmp_path / "plan.allocation.json").is_file()
+    assert (tmp_path / "plan.png").stat().st_size > 0 and (tmp_path / "plan.svg").stat().st_size > 0
+    assert f"rank map: {tmp_path / 'plan.png'}" in stdout.replace("\n", "")
     code, _, err = run_cli(["allocate", "smollm2-135m", "--budget", "2", "--unit", "decoder-params",
                             "-o", str(out)], capsys)
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_allocated_plan_is_drawn_by_the_report_rank_map():
+    """allocate's figure is the report's rank map: one cell per target, colour = the allocated kept fraction."""
+    from rankwise.allocation.planner import allocate_plan, rank_map_targets
+    from rankwise.reports.plots import rank_map
+
+    model = tiny_llama(layers=3)
+    result = allocate_plan(model, None, Budget.parse("0.6", "decoder-params"), method="svd", allocator="energy",
+                           progress=False)
+    targets = rank_map_targets(result)
+    assert len(targets) == len(result.accounting.targets) == 21
+    fig = rank_map({"model": "tiny", "plan": {"method": "svd"}, "targets": targets})
+    grid = next(im for im in fig.axes[0].images if im.get_gid() == "rankmap").get_array()
+    roles = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    for (layer, role), kept in result.kept_fractions().items():
+        assert grid[roles.index(role), layer] == pytest.approx(kept)

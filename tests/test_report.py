@@ -151,8 +151,26 @@ def test_efficiency_plot_measured_vs_ideal_and_says_why_energy_is_absent(doc):
     assert list(ideal.get_ydata()) == pytest.approx([-100 * t["efficiency"]["ideal_latency_change"] for t in done])
     assert not [line for line in en.lines if (line.get_gid() or "").startswith("measured")]
     assert any(t.get_gid() == "absent:energy" for t in en.texts)
-    assert "Energy not measured: no RAPL zones" in caption(fig)
+    # the ideal energy is the same bytes bound (a memory-bound step's energy scales with the bytes it reads)
+    ideal_en = next(line for line in en.lines if line.get_gid() == "ideal:energy")
+    assert list(ideal_en.get_ydata()) == list(ideal.get_ydata())
+    assert "Energy not measured: no RAPL zones" in caption(fig) and "the ideal alone is drawn" in caption(fig)
     assert "decode batch 1" in caption(fig)
+
+
+def test_efficiency_plot_with_measured_energy(doc):
+    doc = copy.deepcopy(doc)
+    done = d.complete(doc, "layer-count")
+    for k, t in enumerate(done, start=1):
+        t["efficiency"].update(energy_j=0.5 - 0.01 * k, energy_change=-0.02 * k, energy_reason=None)
+    fig = plots.efficiency_vs_size(doc, "layer-count")
+    en = fig.axes[1]
+    measured = next(line for line in en.lines if line.get_gid() == "measured:energy")
+    assert list(measured.get_xdata()) == pytest.approx([100 * t["size_reduction"] for t in done])
+    assert list(measured.get_ydata()) == pytest.approx([2.0 * k for k in range(1, len(done) + 1)])
+    assert len(next(line for line in en.lines if line.get_gid() == "ideal:energy").get_ydata()) == len(done)
+    assert not any(t.get_gid() == "absent:energy" for t in en.texts)
+    assert "not measured" not in caption(fig)
 
 
 def test_pareto_front_is_computed_and_highlighted(doc):

@@ -228,6 +228,28 @@ def test_resolve_device() -> None:
             resolve_device("cuda:0")
 
 
+
+#: Every command that computes, with the arguments that reach its device check (study: the spec's device).
+COMPUTING_COMMANDS = {
+    "inspect": ["inspect", "{tiny}"],
+    "decompose": ["decompose", "{tiny}", "-o", "{tmp}/out", "--layers", "0", "--rank", "2"],
+    "eval": ["eval", "{tiny}", "--tasks", "arc_easy", "--limit", "2"],
+    "bench": ["bench", "{tiny}"],
+    "allocate": ["allocate", "{tiny}", "--budget", "0.5", "-o", "{tmp}/plan.yaml"],
+    "paper": ["paper", "--plan"],
+}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("command", sorted(COMPUTING_COMMANDS))
+def test_every_computing_command_takes_device(command: str, tmp_path: Path, capsys) -> None:
+    tiny = _tiny_folder(tmp_path / "src")
+    argv = [a.format(tiny=tiny, tmp=tmp_path) for a in COMPUTING_COMMANDS[command]]
+    capsys.readouterr()  # the tiny model's save progress
+    code, _, err = run_cli([*argv, "--device", "cuda"], capsys)
+    assert code == 2 and err.startswith("error: --device cuda: no CUDA device") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "plan.yaml").exists()
+
 # --- the real model ---------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["tucker", "svd-llm"])

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from rankwise.allocation.allocators import Allocation, Problem, get_allocator
@@ -155,37 +153,15 @@ def allocate_plan(model: nn.Module, tokenizer: Any, budget: Budget, *, method: s
                             {"cap_target_params": cap})
 
 
-def plot_rank_map(result: AllocationResult, path: Path) -> str | None:
-    """A layers × roles heat map of kept fractions (PNG); returns why not when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed (pip install matplotlib): rank map plot skipped"
-    fractions = result.kept_fractions()
-    layers = sorted({k[0] for k in fractions})
-    roles: list[str] = []
+def rank_map_targets(result: AllocationResult) -> list[dict[str, Any]]:
+    """Every target as a decomposition report lists it (layer, role, dense and kept parameters, rank): what the
+    report's rank map draws, so an allocated plan and a decomposed model are drawn by one figure."""
+    out = []
     for t in result.accounting.targets:
-        if t.role not in roles:
-            roles.append(t.role)
-    grid = torch.full((len(roles), len(layers)), float("nan"))
-    for (layer, role), f in fractions.items():
-        grid[roles.index(role), layers.index(layer)] = f
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(layers) + 2), 0.45 * len(roles) + 1.6))
-    im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
-    ax.set_yticks(range(len(roles)), roles)
-    ax.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
-    ax.set_xlabel("layer")
-    a = result.achieved
-    ax.set_title(f"{result.plan.name}\nachieved: {a['decoder-params']:.3f} of decoder linear params, "
-                 f"{a['model-params']:.3f} of model params", fontsize=9)
-    fig.colorbar(im, ax=ax, label="kept fraction of the matrix's parameters (1 = dense)")
-    fig.tight_layout()
-    from rankwise.fileio import atomic_path
-
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return None
+        if t.layer in result.removed_layers:
+            out.append({"layer": t.layer, "role": t.role, "params_before": t.dense, "params_after": 0, "ranks": [0]})
+            continue
+        rank = None if result.allocation is None else result.allocation.choices[t.key]
+        out.append({"layer": t.layer, "role": t.role, "params_before": t.dense, "params_after": t.params(rank),
+                    "ranks": [] if rank is None else [rank], "kept_dense": rank is None})
+    return out

@@ -2,8 +2,8 @@
 
 Everything checkable without the model (unit, budget value, allocator and method names, output path) is
 checked before the (slow) load. Outputs: the plan (YAML or JSON by OUT's suffix), ``<stem>.allocation.json``
-(budget, achieved size in every unit, per-target choices, profile settings) and ``<stem>.png`` (the rank
-map, when matplotlib is installed).
+(budget, achieved size in every unit, per-target choices, profile settings) and ``<stem>.png``/``.svg`` (the
+report's rank-map figure of the plan).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rankwise.cli.main import app
+from rankwise.devices import DEVICE_HELP, resolve_device
 from rankwise.errors import PlanError, RankwiseError
 from rankwise.models import DEFAULT_MODEL
 
@@ -65,16 +66,17 @@ def allocate(
     calib_seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
     calib_seed: Annotated[int, typer.Option(help="Seed for choosing the windows.")] = 0,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse cached statistics and profiles.")] = True,
-    plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write the rank map PNG next to the plan.")] = True,
+    plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write the rank map (PNG and SVG) next to the plan.")] = True,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: a rankwise "
                                                    "checkpoint's saved dtype, float32 otherwise).")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Data folder (default $RANKWISE_DATA).")] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Allocate ranks for MODEL under a size budget (stated in an explicit unit) and write the plan."""
     from rankwise.allocation.allocators import available_allocators
     from rankwise.allocation.budget import Budget
-    from rankwise.allocation.planner import REMOVAL, allocate_plan, plot_rank_map
+    from rankwise.allocation.planner import REMOVAL, allocate_plan
     from rankwise.allocation.sensitivity import ProfileSettings
     from rankwise.calibration.data import CalibrationConfig
     from rankwise.decomposition import get_method
@@ -94,12 +96,13 @@ def allocate(
         raise PlanError(f"--grid: {grid} must be at least 2")
     meth = get_method(method)
     comp = _compensate(compensate)
+    resolve_device(device)  # an unavailable device is an error before the (slow) load
     settings = ProfileSettings(method=meth.name, fractions=_fractions(profile_fractions), n_samples=profile_samples,
                                seq_len=profile_seq_len, dataset=calib_data)
     calibration = CalibrationConfig(dataset=calib_data, n_samples=calib_samples, seq_len=calib_seq_len,
                                     seed=calib_seed, data_dir=str(data_dir) if data_dir else None)
 
-    loaded = load(model, dtype=dtype)
+    loaded = load(model, dtype=dtype, device=resolve_device(device))
     result = allocate_plan(loaded.model, loaded.tokenizer, the_budget, method=meth.name, allocator=allocator,
                            compensate=comp, max_loss=max_loss, calibration=calibration, settings=settings,
                            grid=grid, use_cache=cache, progress=not quiet, name=model)
@@ -110,14 +113,27 @@ def allocate(
     data["model"] = model
     data["dtype"] = loaded.info.dtype
     write_json_atomic(report_path, data)
-    plot_note = None
-    plot_path = out.with_suffix(".png")
-    if plot:
-        plot_note = plot_rank_map(result, plot_path)
-    print_summary(result, out, report_path, None if not plot or plot_note else plot_path, plot_note)
+    plot_path = _plot_rank_map(result, out, model) if plot else None
+    print_summary(result, out, report_path, plot_path)
 
 
-def print_summary(result, plan_path: Path, report_path: Path, plot_path: Path | None, plot_note: str | None) -> None:
+def _plot_rank_map(result, out: Path, model: str) -> Path:
+    """The report's rank-map figure of the allocated plan, as ``PLAN.png`` and ``PLAN.svg`` beside the plan."""
+    from rankwise.allocation.planner import rank_map_targets
+    from rankwise.reports.plots import rank_map
+    from rankwise.reports.style import save_figure
+
+    a = result.achieved
+    doc = {"model": model, "plan": {"method": result.plan.method.name}, "fold": "none (allocated plan, not applied)",
+           "targets": rank_map_targets(result),
+           "summary": {"reduction_pct_of_whole_model": 100 * (1 - a["model-params"]),
+                       "targets_decomposed": sum(1 for t in rank_map_targets(result) if t["ranks"])}}
+    fig = rank_map(doc, title=f"{result.plan.name}: {a['decoder-params']:.3f} of decoder linear params, "
+                              f"{a['model-params']:.3f} of model params kept")
+    return save_figure(fig, out.parent, out.stem)["png"]
+
+
+def print_summary(result, plan_path: Path, report_path: Path, plot_path: Path | None) -> None:
     """One table: budget and unit, achieved size in every unit, what was chosen; then the files written."""
     console = Console()
     a, acc = result.achieved, result.accounting
@@ -152,6 +168,4 @@ def print_summary(result, plan_path: Path, report_path: Path, plot_path: Path | 
     console.print(f"plan: {plan_path}")
     console.print(f"report: {report_path}")
     if plot_path is not None:
-        console.print(f"rank map: {plot_path}")
-    elif plot_note:
-        console.print(plot_note)
+        console.print(f"rank map: {plot_path} (and .svg)")

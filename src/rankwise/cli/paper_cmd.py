@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from rankwise.cli.main import app
+from rankwise.devices import DEVICE_HELP
 from rankwise.errors import RankwiseError
 
 
@@ -39,6 +40,7 @@ def paper(
     storage: Annotated[str | None, typer.Option("--storage", help="Optuna storage URL (default: sqlite:///OUT/"
                                                                   "paper.db); a rerun resumes.")] = None,
     workers: Annotated[int, typer.Option("--workers", help="Worker processes per study.")] = 1,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
     encoder: Annotated[bool, typer.Option("--encoder/--no-encoder", help="Also run the encoder case "
                                                                          "(minilm-l6, STS-B).")] = True,
     plan_only: Annotated[bool, typer.Option("--plan", help="Print the plan and stop.")] = False,
@@ -59,6 +61,7 @@ def paper(
     With --doc PATH, also write the reproduction document at the end; `rankwise paper --from-results -o DIR
     --doc PATH` regenerates it from an existing output folder without running anything."""
     from rankwise.cli.study_cmd import _StudyBar, _trial_line
+    from rankwise.devices import resolve_device
     from rankwise.paper.plan import ENCODER_MODEL, build_plan, count_points, plan_lines
     from rankwise.paper.run import run_plan
     from rankwise.settings import data_dir
@@ -89,11 +92,12 @@ def paper(
         if not quiet:
             say(message)
 
+    device = resolve_device(device)
     n_layers, roles = _shape(model)
     enc_layers = _shape(ENCODER_MODEL)[0] if encoder else None
     threads = max(1, min(8, (os.cpu_count() or 1) // workers))  # the machine's cores, shared by the workers
     plan = build_plan(mode, model, n_layers, roles, data=data_dir(), encoder_layers=enc_layers,
-                      items=items, points=points, threads=threads)
+                      items=items, points=points, threads=threads, device=device)
     if not encoder:
         plan.notes.append("encoder case left out (--no-encoder)")
     for s in plan.studies:

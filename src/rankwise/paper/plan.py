@@ -152,10 +152,11 @@ def decoder_grid(mode: str, n_layers: int, roles: Sequence[str], points: int | N
 
 def build_plan(mode: str, model: str, n_layers: int, roles: Sequence[str], *, data: Path | None,
                encoder_layers: int | None = None, items: int | None = None,
-               points: int | None = None, threads: int = 1) -> PaperPlan:
+               points: int | None = None, threads: int = 1, device: str = "cpu") -> PaperPlan:
     """The studies of a mode. ``items``/``points`` shrink every task and sweep (tests, smoke runs);
     ``encoder_layers``: the encoder's layer count, or None to leave the encoder case out; ``threads``: torch
-    threads per worker (part of each study's identity: latency depends on it)."""
+    threads per worker (part of each study's identity: latency depends on it); ``device``: where every
+    study runs (written into the specs only when not the default cpu, so CPU studies keep their identity)."""
     if mode not in MODES:
         raise RankwiseError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
     notes: list[str] = []
@@ -180,6 +181,9 @@ def build_plan(mode: str, model: str, n_layers: int, roles: Sequence[str], *, da
             "objectives": [{"metric": "stsb", "direction": "maximize"},
                            {"metric": "params_ratio", "direction": "minimize"}],
             "grid": [{"preset": "layer-count", "n": ns}]})
+    if device != "cpu":
+        for study in plan.studies:
+            study["device"] = device
     return plan
 
 
