@@ -7,7 +7,7 @@ once; each request forks a child that runs ``rankwise.cli.main.run(argv)`` from 
 kills it after the requested delay. No torch operation runs before a fork (no thread pool to inherit).
 
 Protocol (one JSON object per line): request ``{"argv": [...], "kill_after": seconds or null}``; reply
-``{"code": exit status or null if killed, "killed": bool, "seconds": child lifetime}``.
+``{"code": exit status or null if killed, "killed": bool, "hung": bool, "seconds": child lifetime}``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ for _name in WARM:
     importlib.import_module(_name)
 
 
+#: A run not asked to be killed is killed after this long and reported as hung (a test fails, never waits).
+HANG_SECONDS = 300.0
+
+
 def _child(argv: list[str]) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
@@ -53,20 +57,21 @@ def _serve(request: dict) -> dict:
     pid = os.fork()
     if pid == 0:
         _child(request["argv"])
-    deadline = None if request.get("kill_after") is None else t0 + float(request["kill_after"])
+    deadline = t0 + (HANG_SECONDS if request.get("kill_after") is None else float(request["kill_after"]))
     killed = False
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             break
-        if deadline is not None and time.monotonic() >= deadline:
+        if time.monotonic() >= deadline:
             os.kill(pid, signal.SIGKILL)
             _, status = os.waitpid(pid, 0)
             killed = True
             break
         time.sleep(0.005)
     code = None if killed else os.waitstatus_to_exitcode(status)
-    return {"code": code, "killed": killed, "seconds": time.monotonic() - t0}
+    hung = killed and request.get("kill_after") is None
+    return {"code": code, "killed": killed, "hung": hung, "seconds": time.monotonic() - t0}
 
 
 def main() -> None:

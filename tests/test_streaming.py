@@ -250,6 +250,65 @@ def test_every_computing_command_takes_device(command: str, tmp_path: Path, caps
     assert code == 2 and err.startswith("error: --device cuda: no CUDA device") and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists() and not (tmp_path / "plan.yaml").exists()
 
+
+def test_stem_copied_in_chunks_is_what_safetensors_writes(tmp_path: Path) -> None:
+    """The chunked stem copy (small chunks force many) gives the same tensors as safetensors' own writer, also
+    when casting to another dtype, and the file loads with safetensors."""
+    from safetensors.torch import save_file
+
+    from rankwise.decomposition.streaming import SafetensorsSource
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"emb.weight": torch.randn(37, 12, generator=gen), "norm.weight": torch.randn(12, generator=gen),
+               "pos.ids": torch.arange(9, dtype=torch.int64)}
+    (tmp_path / "src").mkdir()
+    save_file(tensors, str(tmp_path / "src" / "model.safetensors"))
+    (tmp_path / "src" / "config.json").write_text("{}")
+    src = SafetensorsSource.open(tmp_path / "src")
+    for dtype in (torch.float32, torch.bfloat16):
+        dest = tmp_path / f"stem-{dtype}.safetensors"
+        sizes = src.copy_to_shard(tensors, dest, dtype, chunk_bytes=40)
+        got = load_file(dest)
+        assert set(got) == set(tensors)
+        for key, t in tensors.items():
+            want = t.to(dtype) if t.is_floating_point() else t
+            assert got[key].dtype == want.dtype and torch.equal(got[key], want), key
+            assert sizes[key] == want.numel() * want.element_size()
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_calibration_embedding_rows_give_the_full_tables_hidden_states(tmp_path: Path, family: str) -> None:
+    """Block 0's inputs captured with only the calibration set's embedding rows (ids renumbered by a hook)
+    equal those of the full table; OPT has a padding_idx and learned positions."""
+    from safetensors.torch import save_file
+
+    from rankwise.decomposition.streaming import SafetensorsSource, _embedding_keys, _embedding_rows
+
+    if family == "llama":
+        model = tiny_llama(vocab=256, layers=1)
+    else:
+        from transformers import OPTConfig, OPTForCausalLM
+
+        torch.manual_seed(0)
+        model = OPTForCausalLM(OPTConfig(vocab_size=256, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
+                                         num_attention_heads=4, max_position_embeddings=64, pad_token_id=1)).eval()
+    emb = model.get_input_embeddings()
+    key, head = _embedding_keys(model, emb)
+    assert dict(model.named_parameters())[key] is emb.weight
+    (tmp_path / "m").mkdir()
+    save_file({key: emb.weight.detach().clone()}, str(tmp_path / "m" / "model.safetensors"))
+    (tmp_path / "m" / "config.json").write_text("{}")
+    ids = _ids(3, 10)
+    ids[0, :3] = 1  # the padding id among the tokens
+    with torch.no_grad():
+        want = model.model.decoder.embed_tokens(ids) if family == "opt" else emb(ids)
+        before = emb.weight
+        with _embedding_rows(emb, SafetensorsSource.open(tmp_path / "m"), key, ids, torch.float32, "cpu"):
+            assert emb.weight.shape[0] == len(torch.unique(ids)) < 256
+            got = emb(ids)
+        assert emb.weight is before
+    assert torch.equal(got, want)
+
 # --- the real model ---------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["tucker", "svd-llm"])

@@ -82,6 +82,8 @@ _ST_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 
+_ST_NAMES: dict[torch.dtype, str] = {v: k for k, v in _ST_DTYPES.items()}
+
 
 def read_header(path: Path) -> dict[str, dict[str, Any]]:
     """The tensor entries of a safetensors file's header: name -> {dtype, shape, data_offsets}.
@@ -161,6 +163,81 @@ class SafetensorsSource:
                 raise ModelLoadError(f"{path}: truncated file (tensor {key})")
             out[key] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
         return out
+
+    def _span(self, key: str) -> tuple[Path, int, torch.dtype, list[int]]:
+        """(file, absolute offset of the tensor's first byte, stored dtype, shape)."""
+        path, entry = self.files[key], self.entries[key]
+        return path, 8 + _header_len(path) + int(entry["data_offsets"][0]), _ST_DTYPES[entry["dtype"]], entry["shape"]
+
+    def read_rows(self, key: str, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``rows`` of the 2-D tensor ``key`` (in ``dtype``), reading only their bytes: the calibration
+        set's embedding rows instead of the whole vocabulary."""
+        path, start, stored, shape = self._span(key)
+        if len(shape) != 2:
+            raise ModelLoadError(f"{path}: tensor {key} is not 2-D (shape {shape})")
+        out = torch.empty((len(rows), shape[1]), dtype=stored)
+        row_bytes = shape[1] * out.element_size()
+        view = out.view(torch.uint8).numpy()
+        try:
+            with open(path, "rb") as f:
+                for i, r in enumerate(rows.tolist()):
+                    if not 0 <= r < shape[0]:
+                        raise ModelLoadError(f"{path}: token id {r} is outside {key}'s {shape[0]} rows")
+                    f.seek(start + r * row_bytes)
+                    if f.readinto(memoryview(view[i])) != row_bytes:
+                        raise ModelLoadError(f"{path}: truncated file (tensor {key})")
+        except OSError as exc:
+            raise ModelLoadError(f"{path}: cannot read tensor {key} ({first_line(exc)})") from None
+        return out.to(dtype) if out.is_floating_point() else out
+
+    def copy_to_shard(self, keys: Iterable[str], dest: Path, dtype: torch.dtype,
+                      chunk_bytes: int = 8 << 20) -> dict[str, int]:
+        """Write the named tensors (floating ones cast to ``dtype``) as one safetensors file, a chunk at a time;
+        returns key -> bytes written.
+
+        Why not ``safetensors.save_file``: it needs every tensor in memory at once, and the stem (embeddings,
+        head) is the largest thing a small model has (SmolLM2: 108 MiB, 7.5 blocks): copied in chunks, the
+        streaming peak stays one block plus calibration buffers. The file is what ``save_file`` writes: an
+        8-byte little-endian header length, the JSON header padded with spaces to 8 bytes, the data in order."""
+        names = sorted(keys)
+        plan: list[tuple[str, torch.dtype, int]] = []  # key, output dtype, output bytes
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for key in names:
+            _, _, stored, shape = self._span(key)
+            out_dtype = dtype if stored.is_floating_point else stored
+            n = math.prod(shape) * torch.empty(0, dtype=out_dtype).element_size()
+            header[key] = {"dtype": _ST_NAMES[out_dtype], "shape": shape, "data_offsets": [offset, offset + n]}
+            plan.append((key, out_dtype, n))
+            offset += n
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        with open(dest, "wb") as out:
+            out.write(len(text).to_bytes(8, "little"))
+            out.write(text)
+            for key, out_dtype, _ in plan:
+                self._copy_tensor(key, out, out_dtype, chunk_bytes)
+        return {key: n for key, _, n in plan}
+
+    def _copy_tensor(self, key: str, out: Any, out_dtype: torch.dtype, chunk_bytes: int) -> None:
+        path, start, stored, shape = self._span(key)
+        size = torch.empty(0, dtype=stored).element_size()
+        total = math.prod(shape) * size
+        step = max(size, chunk_bytes // size * size)
+        try:
+            with open(path, "rb") as f:
+                f.seek(start)
+                done = 0
+                while done < total:
+                    data = f.read(min(step, total - done))
+                    if not data:
+                        raise ModelLoadError(f"{path}: truncated file (tensor {key})")
+                    done += len(data)
+                    if out_dtype != stored:
+                        data = torch.frombuffer(bytearray(data), dtype=stored).to(out_dtype).view(torch.uint8).numpy()
+                    out.write(data)
+        except OSError as exc:
+            raise ModelLoadError(f"{path}: cannot read tensor {key} ({first_line(exc)})") from None
 
 
 def _header_len(path: Path) -> int:
@@ -426,9 +503,9 @@ def _run(model: nn.Module, adapter: ArchitectureAdapter, blocks: nn.Module, bloc
             ids = calibration.to(torch.int64)
         else:
             ids = calibration_ids(_tokenizer(src.folder), config, surgery._max_length(model))
-    # the stem (embeddings, final norm, head): copied as is, in the model dtype
-    stem = src.read([k for k in stem_keys if k in src.files], dtype)
-    shards[shard_name[0]] = _save_shard(tmp / shard_name[0], stem)
+    # the stem (embeddings, final norm, head): copied as is, in the model dtype, a chunk at a time
+    present = [k for k in stem_keys if k in src.files]
+    shards[shard_name[0]] = src.copy_to_shard(present, tmp / shard_name[0], dtype)
     with contextlib.ExitStack() as cleanup:
         if last_calibrated >= 0:
             bounds = calibration_bounds(int(ids.shape[0]), config.batch_size)
@@ -440,12 +517,14 @@ def _run(model: nn.Module, adapter: ArchitectureAdapter, blocks: nn.Module, bloc
             t0 = time.perf_counter()
             stores = cleanup.enter_context(activation_stores((int(ids.shape[0]), int(ids.shape[1]), hidden), dtype,
                                                              offload, folder=tmp))
-            stem_assign = {k: v.to(device) for k, v in stem.items()}
-            model.load_state_dict(stem_assign, strict=False, assign=True)
-            model.tie_weights()  # assigning the embeddings untied them from the (meta) head
-            del stem_assign
+            embedding = model.get_input_embeddings()
+            emb_key, head_keys = _embedding_keys(model, embedding)
+            stem = src.read([k for k in present if k != emb_key and k not in head_keys], dtype, device)
+            model.load_state_dict(stem, strict=False, assign=True)
+            del stem
             _buffers_to(model, device)  # rotary frequencies, position ids (parameters of blocks are still on meta)
-            with surgery._bar(progress, "calibration inputs", total=len(bounds) - 1) as update:
+            with surgery._bar(progress, "calibration inputs", total=len(bounds) - 1) as update, \
+                    _embedding_rows(embedding, src, emb_key, ids, dtype, device):
                 kwargs = capture_block_inputs(model, blocks, ids, bounds, stores[0], device, {"use_cache": False})
                 update(len(bounds) - 1, len(bounds) - 1)
             _to_meta(model, skip=(blocks_path,))
@@ -455,7 +534,6 @@ def _run(model: nn.Module, adapter: ArchitectureAdapter, blocks: nn.Module, bloc
                           "n_tokens": int(ids.numel()), "cache_hit": False,
                           **(config.describe() if not isinstance(calibration, torch.Tensor)
                              else {"source": "token ids given by the caller (streaming, block by block)"})}
-        del stem
         with surgery._bar(progress, "decompose (streaming)", total=n_layers) as update:
             for layer in range(n_layers):
                 block = blocks[layer]
@@ -498,6 +576,48 @@ def _run(model: nn.Module, adapter: ArchitectureAdapter, blocks: nn.Module, bloc
     if calib_info is not None:
         calib_info["seconds"] = t_calib
     return records, calib_info, shards
+
+
+def _embedding_keys(model: nn.Module, embedding: nn.Module) -> tuple[str, set[str]]:
+    """The checkpoint key of the input embedding's weight, and those of the output head (never run while the
+    block inputs are captured: the forward stops at block 0, so the head is not read)."""
+    names = {id(p): [] for p in model.parameters()}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    emb = names[id(embedding.weight)]
+    head = model.get_output_embeddings()
+    head_keys = set(names.get(id(head.weight), [])) if head is not None and hasattr(head, "weight") else set()
+    return emb[0], head_keys - set(emb[:1])
+
+
+@contextlib.contextmanager
+def _embedding_rows(embedding: nn.Module, src: SafetensorsSource, key: str, ids: torch.Tensor, dtype: torch.dtype,
+                    device: str) -> Any:
+    """Give ``embedding`` only the rows of the token ids in ``ids`` (their ids renumbered on the way in by a
+    pre-hook), so the vocabulary never has to be in memory; the model sees its original ids everywhere else
+    (models that derive positions or masks from ids are unaffected). Restored on exit."""
+    vocab = torch.unique(ids)
+    rows = src.read_rows(key, vocab, dtype).to(device)
+    original, padding = embedding.weight, getattr(embedding, "padding_idx", None)
+    lookup = vocab.to(device)
+
+    def renumber(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (torch.searchsorted(lookup, args[0]), *args[1:]), kwargs
+        name = next(iter(kwargs))
+        return args, {**kwargs, name: torch.searchsorted(lookup, kwargs[name])}
+
+    embedding.weight = nn.Parameter(rows, requires_grad=False)
+    if padding is not None:
+        embedding.padding_idx = None  # a row number of the full table; only gradients use it
+    handle = embedding.register_forward_pre_hook(renumber, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        embedding.weight = original
+        if padding is not None:
+            embedding.padding_idx = padding
 
 
 def _tokenizer(folder: Path) -> Any:
