@@ -14,6 +14,7 @@ import pytest
 from helpers import run_cli
 from rankwise.errors import RankwiseError
 from rankwise.paper import reproduction as rp
+from rankwise.paper.headlines import headlines
 from rankwise.paper.reproduction import (
     FAILS,
     HOLDS,
@@ -171,6 +172,21 @@ def test_within_two_stderr_is_inconclusive_in_the_document(paper_out):
     (paper_out / "results.json").write_text(json.dumps(doc))
     assert f"**Verdict: {UNSURE}.**" in _section(reproduction_markdown(paper_out), "## c.")
 
+
+
+def test_latency_verdict_refuses_a_drifting_machine_and_a_change_beyond_the_ideal(paper_out):
+    doc = json.loads((paper_out / "results.json").read_text())
+    timed = [t for t in doc["trials"] if t["sweep"] == "layer-count"]
+    timed[0]["efficiency"]["decode_ms_dense"] = 14.0  # the dense model re-timed 40% slower after one trial
+    (paper_out / "results.json").write_text(json.dumps(doc))
+    latency = _section(reproduction_markdown(paper_out), "## e.")
+    assert f"**Verdict: {UNSURE}.**" in latency and "ranged 10.0-14.0 ms/token" in latency
+    assert "NOT EVIDENCE" in headlines(doc)["lines"][2]
+    timed[0]["efficiency"]["decode_ms_dense"] = 10.0
+    timed[1]["efficiency"].update(latency_change=-0.30, decode_ms=7.0)  # the 9% point: 30% faster, ideal -5%
+    (paper_out / "results.json").write_text(json.dumps(doc))
+    latency = _section(reproduction_markdown(paper_out), "## e.")
+    assert f"**Verdict: {UNSURE}.**" in latency and "beyond the memory-bound ideal (-5.0%)" in latency
 
 def test_a_missing_sweep_and_encoder_say_so(paper_out):
     doc = json.loads((paper_out / "results.json").read_text())

@@ -295,6 +295,7 @@ def test_calibration_embedding_rows_give_the_full_tables_hidden_states(tmp_path:
     emb = model.get_input_embeddings()
     key, head = _embedding_keys(model, emb)
     assert dict(model.named_parameters())[key] is emb.weight
+    assert head == {"lm_head.weight"}  # tied to the embeddings: never read while capturing block inputs
     (tmp_path / "m").mkdir()
     save_file({key: emb.weight.detach().clone()}, str(tmp_path / "m" / "model.safetensors"))
     (tmp_path / "m" / "config.json").write_text("{}")

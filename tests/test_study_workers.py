@@ -131,7 +131,9 @@ def test_two_workers_sigkill_restart_exactly_once_identical_metrics(tmp_path, ca
 def test_ctrl_c_abandons_the_trial_and_the_next_start_resumes(tmp_path):
     from rankwise.studies import run_study, study_document
 
-    spec = {**SPEC, "name": "cc", "grid": [{"preset": "layer-removal", "n": [1, 2]}]}
+    # 24 items: a trial of a few seconds, so the Ctrl-C lands inside it (with 8 it could end first: flaky)
+    spec = {**SPEC, "name": "cc", "tasks": [{"name": "arc_easy", "limit": 24}],
+            "grid": [{"preset": "layer-removal", "n": [1, 2]}]}
     url = f"sqlite:///{tmp_path}/cc.db"
     run_study(spec, url, workers=0)
     w = _worker(url, "cc", 1)

@@ -62,6 +62,21 @@ def nine_percent_point(doc: dict[str, Any]) -> dict[str, Any] | None:
     return min(trials, key=lambda t: abs(t["size_reduction"] - TARGET_REDUCTION))
 
 
+#: The latency numbers need a steady machine: the dense model is re-timed after every trial, and when those
+#: timings spread by more than this share of their median, a change says more about the machine than about
+#: the model (other work ran beside the study).
+DENSE_DRIFT_LIMIT = 0.2
+
+
+def dense_timing_drift(doc: dict[str, Any]) -> tuple[float, float, float] | None:
+    """(spread / median, min, max) of the dense decode times re-measured after the layer-count trials."""
+    dense = sorted(ms for t in _complete(doc, "layer-count")
+                   if (ms := (t.get("efficiency") or {}).get("decode_ms_dense")) is not None)
+    if len(dense) < 2:
+        return None
+    return (dense[-1] - dense[0]) / dense[len(dense) // 2], dense[0], dense[-1]
+
+
 def headlines(doc: dict[str, Any]) -> dict[str, Any]:
     """The three headline lines and the numbers behind them."""
     dense = doc.get("dense") or {}
@@ -121,6 +136,10 @@ def headlines(doc: dict[str, Any]) -> dict[str, Any]:
             f"latency at the 9%-size point: decode {eff['decode_ms']:.2f} vs {eff['decode_ms_dense']:.2f} ms/token "
             f"dense ({_pct(eff['latency_change'])}; {eff.get('protocol')}"
             f"{f', IQR {iqr:.0f}%' if iqr is not None else ''}; dense timed right after){ideal}{energy}")
+        drift = dense_timing_drift(doc)
+        if drift is not None and drift[0] > DENSE_DRIFT_LIMIT:
+            lines[-1] += (f"; NOT EVIDENCE: the dense model's own time ranged {drift[1]:.1f}-{drift[2]:.1f} ms/token "
+                          "over the run (the machine was not quiet)")
     return {"lines": lines, "numbers": numbers}
 
 

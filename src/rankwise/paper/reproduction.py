@@ -31,8 +31,10 @@ from typing import Any
 from rankwise.errors import RankwiseError
 from rankwise.fileio import atomic_path, check_output_path, write_text_atomic
 from rankwise.paper.headlines import (
+    DENSE_DRIFT_LIMIT,
     TARGET_REDUCTION,
     acc_stderr,
+    dense_timing_drift,
     headlines,
     mean_accuracy_with_stderr,
     nine_percent_point,
@@ -417,8 +419,22 @@ def _claim_latency(d: _Doc, doc: dict[str, Any]) -> None:
     change, iqr = e.get("latency_change"), e.get("decode_ms_iqr_pct")
     falling = sum(1 for t in trials if ((t.get("efficiency") or {}).get("latency_change") or 0) < 0)
     timed = sum(1 for t in trials if (t.get("efficiency") or {}).get("latency_change") is not None)
+    drift = dense_timing_drift(doc) or (0.0, 0.0, 0.0)
+    ideal = e.get("ideal_latency_change")
     if change is None or iqr is None:
         d.add(_verdict_line(UNSURE, "No latency change with a timing spread at the 9%-size point."), "")
+    elif drift[0] > DENSE_DRIFT_LIMIT:
+        d.add(_verdict_line(UNSURE, f"The dense model's own decode time, measured after every trial, ranged "
+                                    f"{drift[1]:.1f}-{drift[2]:.1f} ms/token over the run ({drift[0]:.0%} of its "
+                                    f"median, more than the {DENSE_DRIFT_LIMIT:.0%} this verdict tolerates): the "
+                                    "machine's speed changed more than the effects measured (other work ran "
+                                    "beside it), so the latency changes above are not evidence either way. "
+                                    "Rerun on a quiet machine."), "")
+    elif ideal is not None and change < ideal - iqr / 100:
+        d.add(_verdict_line(UNSURE, f"At the 9%-size point latency changed {_pct(change)}, beyond the memory-bound "
+                                    f"ideal ({_pct(ideal)}) by more than the timing spread (IQR {iqr:.0f}%): a "
+                                    "decomposed model cannot read fewer bytes than that bound, so this is a timing "
+                                    "artefact, not evidence."), "")
     else:
         noise = iqr / 100
         verdict = HOLDS if change < -noise else FAILS if change > noise else UNSURE
