@@ -96,13 +96,13 @@ def allocate(
         raise PlanError(f"--grid: {grid} must be at least 2")
     meth = get_method(method)
     comp = _compensate(compensate)
-    resolve_device(device)  # an unavailable device is an error before the (slow) load
+    device = resolve_device(device)  # an unavailable device is an error before the (slow) load
     settings = ProfileSettings(method=meth.name, fractions=_fractions(profile_fractions), n_samples=profile_samples,
                                seq_len=profile_seq_len, dataset=calib_data)
     calibration = CalibrationConfig(dataset=calib_data, n_samples=calib_samples, seq_len=calib_seq_len,
                                     seed=calib_seed, data_dir=str(data_dir) if data_dir else None)
 
-    loaded = load(model, dtype=dtype, device=resolve_device(device))
+    loaded = load(model, dtype=dtype, device=device)
     result = allocate_plan(loaded.model, loaded.tokenizer, the_budget, method=meth.name, allocator=allocator,
                            compensate=comp, max_loss=max_loss, calibration=calibration, settings=settings,
                            grid=grid, use_cache=cache, progress=not quiet, name=model)
@@ -124,10 +124,11 @@ def _plot_rank_map(result, out: Path, model: str) -> Path:
     from rankwise.reports.style import save_figure
 
     a = result.achieved
+    targets = rank_map_targets(result)
     doc = {"model": model, "plan": {"method": result.plan.method.name}, "fold": "none (allocated plan, not applied)",
-           "targets": rank_map_targets(result),
+           "targets": targets,
            "summary": {"reduction_pct_of_whole_model": 100 * (1 - a["model-params"]),
-                       "targets_decomposed": sum(1 for t in rank_map_targets(result) if t["ranks"])}}
+                       "targets_decomposed": sum(1 for t in targets if t["ranks"])}}
     fig = rank_map(doc, title=f"{result.plan.name}: {a['decoder-params']:.3f} of decoder linear params, "
                               f"{a['model-params']:.3f} of model params kept")
     return save_figure(fig, out.parent, out.stem)["png"]
