@@ -35,12 +35,13 @@ to a temp folder that is removed on any error, so OUT is either complete or unto
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,31 +198,17 @@ class SafetensorsSource:
 
         Why not ``safetensors.save_file``: it needs every tensor in memory at once, and the stem (embeddings,
         head) is the largest thing a small model has (SmolLM2: 108 MiB, 7.5 blocks): copied in chunks, the
-        streaming peak stays one block plus calibration buffers. The file is what ``save_file`` writes: an
-        8-byte little-endian header length, the JSON header padded with spaces to 8 bytes, the data in order."""
-        names = sorted(keys)
-        plan: list[tuple[str, torch.dtype, int]] = []  # key, output dtype, output bytes
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for key in names:
+        streaming peak stays one block plus calibration buffers."""
+        specs = []
+        for key in keys:
             _, _, stored, shape = self._span(key)
-            out_dtype = dtype if stored.is_floating_point else stored
-            n = math.prod(shape) * torch.empty(0, dtype=out_dtype).element_size()
-            header[key] = {"dtype": _ST_NAMES[out_dtype], "shape": shape, "data_offsets": [offset, offset + n]}
-            plan.append((key, out_dtype, n))
-            offset += n
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)
-        with open(dest, "wb") as out:
-            out.write(len(text).to_bytes(8, "little"))
-            out.write(text)
-            for key, out_dtype, _ in plan:
-                self._copy_tensor(key, out, out_dtype, chunk_bytes)
-        return {key: n for key, _, n in plan}
+            specs.append((key, dtype if stored.is_floating_point else stored, shape))
+        return write_safetensors(dest, specs, lambda key, out_dtype, f: self._copy_tensor(key, f, out_dtype,
+                                                                                             chunk_bytes))
 
     def _copy_tensor(self, key: str, out: Any, out_dtype: torch.dtype, chunk_bytes: int) -> None:
         path, start, stored, shape = self._span(key)
-        size = torch.empty(0, dtype=stored).element_size()
+        size = stored.itemsize
         total = math.prod(shape) * size
         step = max(size, chunk_bytes // size * size)
         try:
@@ -238,6 +225,31 @@ class SafetensorsSource:
                     out.write(data)
         except OSError as exc:
             raise ModelLoadError(f"{path}: cannot read tensor {key} ({first_line(exc)})") from None
+
+
+def write_safetensors(dest: Path, specs: Iterable[tuple[str, torch.dtype, list[int]]],
+                  write_data: Callable[[str, torch.dtype, Any], None]) -> dict[str, int]:
+    """Write a safetensors file whose tensors ``specs`` (key, dtype, shape) are written by
+    ``write_data(key, dtype, file)`` in key order; returns key -> bytes. The file is what ``save_file``
+    writes: an 8-byte little-endian header length, the JSON header padded with spaces to 8 bytes, the data
+    in order (tested against safetensors' reader and writer)."""
+    ordered = sorted(specs, key=lambda spec: spec[0])
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    sizes: dict[str, int] = {}
+    offset = 0
+    for key, out_dtype, shape in ordered:
+        n = math.prod(shape) * out_dtype.itemsize
+        header[key] = {"dtype": _ST_NAMES[out_dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        sizes[key] = n
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(dest, "wb") as out:
+        out.write(len(text).to_bytes(8, "little"))
+        out.write(text)
+        for key, out_dtype, _ in ordered:
+            write_data(key, out_dtype, out)
+    return sizes
 
 
 def _header_len(path: Path) -> int:
@@ -339,6 +351,21 @@ def release_freed_memory() -> None:
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError, TypeError):
         pass
+
+
+def trim_heap(collect: bool = True) -> None:
+    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``): after the tokenizer, after each
+    block's calibration forward and after each block, whose many small native allocations (below the mmap
+    threshold) would otherwise stay in the heap as free but resident memory, under the next step's arrays
+    (measured: 5-10 MiB of a SmolLM2 block's peak). ``collect`` first frees objects held only by reference
+    cycles (the tokenizer's). No effect off glibc."""
+    import ctypes
+    import ctypes.util
+
+    if collect:
+        gc.collect()  # objects in reference cycles (a tokenizer's) hold native memory until collected
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
 
 
 def _buffers_to(model: nn.Module, device: str) -> None:
@@ -503,6 +530,7 @@ def _run(model: nn.Module, adapter: ArchitectureAdapter, blocks: nn.Module, bloc
             ids = calibration.to(torch.int64)
         else:
             ids = calibration_ids(_tokenizer(src.folder), config, surgery._max_length(model))
+            trim_heap()  # the tokenizer is gone: its vocabulary's and its work's pages go back to the OS
     # the stem (embeddings, final norm, head): copied as is, in the model dtype, a chunk at a time
     present = [k for k in stem_keys if k in src.files]
     shards[shard_name[0]] = src.copy_to_shard(present, tmp / shard_name[0], dtype)
@@ -556,6 +584,7 @@ def _run(model: nn.Module, adapter: ArchitectureAdapter, blocks: nn.Module, bloc
                                         device, rel)
                     t_calib += time.perf_counter() - t0
                     stats = {prefix + k: v for k, v in got.items()}
+                    trim_heap(collect=False)  # the forward's freed pages, before the decomposition's arrays
                 for info, spec in targets:
                     st = stats.pop(info.name, None)
                     records.append(surgery._decompose_target(adapter, info, spec, methods[spec.method], st,
@@ -572,6 +601,7 @@ def _run(model: nn.Module, adapter: ArchitectureAdapter, blocks: nn.Module, bloc
                 shards[shard_name[layer + 1]] = _save_shard(tmp / shard_name[layer + 1], state)
                 del state
                 _to_meta(block)
+                trim_heap()
                 update(layer + 1, n_layers)
     if calib_info is not None:
         calib_info["seconds"] = t_calib
@@ -632,12 +662,14 @@ def _tokenizer(folder: Path) -> Any:
 
 
 def _save_shard(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """Write one safetensors shard (CPU, contiguous, as save_pretrained does); returns key -> bytes."""
-    from safetensors.torch import save_file
+    """Write one safetensors shard; returns key -> bytes. Each tensor's bytes go to the file from its own
+    memory (``save_file`` first copies every tensor into one bytes object: a second block in memory)."""
+    def write(key: str, dtype: torch.dtype, out: Any) -> None:
+        t = tensors[key].detach().to("cpu").contiguous()
+        if t.numel():
+            out.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
-    data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    save_file(data, str(path), metadata={"format": "pt"})
-    return {k: v.numel() * v.element_size() for k, v in data.items()}
+    return write_safetensors(path, [(k, v.dtype, list(v.shape)) for k, v in tensors.items()], write)
 
 
 def _write_index(tmp: Path, shards: Mapping[str, Mapping[str, int]]) -> None:
@@ -657,7 +689,31 @@ def _write_metadata(model: nn.Module, folder: Path, tmp: Path, report: Decomposi
     model.config.save_pretrained(tmp)
     if (folder / "generation_config.json").is_file():
         GenerationConfig.from_pretrained(folder).save_pretrained(tmp)
-    write_rankwise_files(model, tmp, report.plan, _tokenizer(folder), report)
+    write_rankwise_files(model, tmp, report.plan, TokenizerFiles(folder), report)
+
+
+#: The files a Hugging Face tokenizer is saved as (``save_pretrained`` writes a subset of these).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
+
+
+@dataclass(frozen=True)
+class TokenizerFiles:
+    """A source folder's tokenizer, saved by copying its files: loading it to save it would cost more memory
+    (transformers parses the whole vocabulary in Python) than a block of a small model, at the end of the
+    pass. Falsy when the folder has none, as :class:`~rankwise.models.zoo.MissingTokenizer` is."""
+
+    folder: Path
+
+    def files(self) -> list[Path]:
+        return [self.folder / n for n in TOKENIZER_FILES if (self.folder / n).is_file()]
+
+    def __bool__(self) -> bool:
+        return bool(self.files())
+
+    def save_pretrained(self, dest: str | os.PathLike[str]) -> tuple[str, ...]:
+        return tuple(str(shutil.copyfile(f, Path(dest) / f.name)) for f in self.files())
 
 
 def block_bytes(model_folder: str | os.PathLike[str], layer: int = 0, dtype: str = "float32") -> int:
