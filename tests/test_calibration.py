@@ -191,63 +191,75 @@ def test_fingerprint_follows_the_weights():
     assert model_fingerprint(tiny) != before
 
 
-def _tiny_tokenizer(pre_tokenizer: str):
-    """A real fast tokenizer (the ``tokenizers`` library) trained in memory on a few lines: ByteLevel BPE
-    (GPT-2's pre-tokenizer) or Metaspace (SentencePiece's, which marks the start of every call)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def _tiny_tokenizer(kind: str):
+    """A real fast tokenizer (the ``tokenizers`` library) trained in memory on a few WikiText-like lines:
+    ByteLevel BPE (GPT-2's pre-tokenizer), Metaspace (SentencePiece's), or Llama-2's tokenizer.json style
+    (a ``Prepend("▁")`` normalizer, which marks the start of every call)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = (pre_tokenizers.ByteLevel(add_prefix_space=False) if pre_tokenizer == "bytelevel"
-                         else pre_tokenizers.Metaspace(prepend_scheme="always"))
+    if kind == "bytelevel":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    elif kind == "metaspace":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    else:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     lines = [" = Robert Boulter = \n", " \n", " Robert Boulter is an English film and television actor . \n",
              "He had a guest @-@ starring role on the television series The Bill in 2000 .\n"] * 20
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if kind == "bytelevel" else []
     tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"],
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if pre_tokenizer == "bytelevel"
-                            else []))
+                                                       initial_alphabet=alphabet))
     return PreTrainedTokenizerFast(tokenizer_object=tok), "".join(lines)
 
 
-@pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
-@pytest.mark.parametrize("trailing_space", [True, False])
-def test_text_encoded_in_pieces_has_the_ids_of_one_call(kind, trailing_space, monkeypatch):
-    """Pieces of 40 characters give exactly the ids of one call. With lines ending in " \n" (WikiText) both
-    tokenizers are cut; without, SentencePiece's start-of-call mark makes every cut unclean and the text is
-    encoded in one call, while the GPT-2 kind is still cut."""
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace", "prepend"])
+def test_text_encoded_in_pieces_has_the_ids_of_one_call(kind, monkeypatch):
+    """Pieces of 40 characters give exactly the ids of one call. GPT-2's and SentencePiece's pre-tokenizers
+    are cut into many pieces; a tokenizer that marks the start of every call has no clean cut, so after
+    MAX_TRIED_CUTS candidates the text is encoded in one call."""
     from rankwise.calibration import data
 
     tok, text = _tiny_tokenizer(kind)
-    if not trailing_space:
-        text = text.replace(" \n", "\n")
     calls: list[int] = []
-    encode = data._ids
+    cuts: list[int] = []
+    encode, next_cut = data._ids, data._next_cut
     monkeypatch.setattr(data, "_ids", lambda t, piece: calls.append(len(piece)) or encode(t, piece))
+    monkeypatch.setattr(data, "_next_cut", lambda *args: cuts.append(next_cut(*args)) or cuts[-1])
     got = data.encode_text(tok, text, piece_chars=40).tolist()
     assert got == tok(text, add_special_tokens=False)["input_ids"]
-    whole_calls = [n for n in calls if n == len(text)]
-    assert whole_calls == ([len(text)] if kind == "metaspace" and not trailing_space else [])
+    if kind == "prepend":
+        assert cuts == [len(text)] and len(calls) == 3 * data.MAX_TRIED_CUTS + 1 and calls[-1] == len(text)
+    else:
+        assert len(cuts) > 20 and len(text) not in calls
     assert data.encode_text(tok, "", piece_chars=40).numel() == 0
+
+
+def test_pieces_never_cut_before_their_start():
+    """Long whitespace runs and text without spaces: the ids stay those of one call and encoding ends."""
+    from rankwise.calibration.data import encode_text
+
+    tok, _ = _tiny_tokenizer("bytelevel")
+    for text in ("Robert" + " " * 100 + "\nBoulter is an actor .\n" + " " * 90 + "\nThe Bill",
+                 "x" * 130 + " y" + "\n" * 70):
+        assert encode_text(tok, text, piece_chars=40).tolist() == tok(text, add_special_tokens=False)["input_ids"]
 
 
 def test_real_sources_encoded_in_pieces_match_one_call(smollm, minilm, data_dir):
     """Both bundled tokenizers, both WikiText-2 sources: the piece-wise ids (64 KiB pieces) are the ids of
     one call on the whole text, so calibration windows and cached statistics are unchanged."""
-    from rankwise.calibration.data import encode_text, read_text, source_path
+    from rankwise.calibration import data
 
-    for tok in (smollm.tokenizer, minilm.tokenizer):
-        for name in SOURCES:
-            text = read_text(*source_path(name, str(data_dir)))
-            whole = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
-            pieces = encode_text(tok, text)
-            assert pieces.numel() == len(whole) > 200_000
-            assert pieces.tolist() == whole
-
-
-def test_pieces_never_cut_before_their_start():
-    """A whitespace run longer than a piece (the cut would fall back before the piece's start) is not a cut:
-    the ids stay those of one call and encoding ends."""
-    from rankwise.calibration.data import encode_text
-
-    tok, _ = _tiny_tokenizer("bytelevel")
-    text = "Robert" + " " * 100 + "\nBoulter is an actor .\n" + " " * 90 + "\nThe Bill"
-    assert encode_text(tok, text, piece_chars=40).tolist() == tok(text, add_special_tokens=False)["input_ids"]
+    cuts: list[int] = []
+    next_cut = data._next_cut
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data, "_next_cut", lambda *args: cuts.append(next_cut(*args)) or cuts[-1])
+        for tok in (smollm.tokenizer, minilm.tokenizer):
+            for name in SOURCES:
+                text = data.read_text(*data.source_path(name, str(data_dir)))
+                whole = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+                cuts.clear()
+                pieces = data.encode_text(tok, text)
+                assert len(cuts) >= len(text) // data.PIECE_CHARS > 10 and len(text) not in cuts  # all in pieces
+                assert pieces.numel() == len(whole) > 200_000
+                assert pieces.tolist() == whole

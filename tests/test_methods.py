@@ -310,6 +310,23 @@ def test_svd_llm_cholesky_fallback_chain_on_singular_gram(weights, activations, 
     assert weighted_error(W, approx, gram) < weighted_error(W, plain, gram)
 
 
+def test_svd_llm_jitter_is_the_documented_formula_and_leaves_the_gram_alone(activations):
+    """The jittered whitening (added in place on the diagonal, no identity matrix: at 7B widths each n × n
+    float64 copy is up to 1 GB) is the Cholesky factor of sym(G) + eps·mean(diag)·I, bit for bit, and the
+    caller's Gram is not modified."""
+    from rankwise.decomposition.svd_llm import JITTERS, whitening
+
+    gram = _gram(activations["q"][:256])  # singular: the first jitter is needed
+    before = gram.clone()
+    notes: list[str] = []
+    got = whitening(gram, gram.shape[0], notes)
+    assert got.kind == "cholesky+jitter" and torch.equal(gram, before)
+    sym = 0.5 * (gram + gram.T)
+    eye = torch.eye(gram.shape[0], dtype=torch.float64)
+    by_hand = torch.linalg.cholesky(sym + JITTERS[0] * float(torch.diagonal(sym).mean()) * eye)
+    assert torch.equal(got.S, by_hand)
+
+
 def test_svd_llm_eigendecomposition_fallback_on_indefinite_gram(weights, activations, caplog):
     W = weights["q"]
     gram = _gram(activations["q"])
@@ -400,3 +417,24 @@ def test_half_precision_weights_give_float32_factors(weights, method):
     assert result.factors.A.dtype == torch.float32 and result.factors.B.dtype == torch.float32
     W = W16.float()
     assert relative_error(W, result.factors.reconstruct()) == pytest.approx(_optimal(_spectrum(W), 8), rel=1e-5)
+
+
+def test_error_metrics_by_row_blocks_equal_the_whole_matrix_formulas():
+    """The relative and activation-weighted errors, computed a block of rows at a time (never a whole float64
+    copy of W), equal the one-matrix float64 formulas on a weight of many blocks and on tiny ones."""
+    import math
+
+    from rankwise.decomposition.base import _row_step, relative_error, weighted_error
+
+    gen = torch.Generator().manual_seed(3)
+    for m, n in [(1536, 576), (200, 70), (1, 1)]:
+        W = torch.randn(m, n, generator=gen)
+        approx = W + 0.1 * torch.randn(m, n, generator=gen)
+        X = torch.randn(2 * n + 3, n, generator=gen, dtype=torch.float64)
+        gram = X.T @ X
+        w, e = W.double(), W.double() - approx.double()
+        assert relative_error(W, approx) == pytest.approx(float(e.norm() / w.norm()), rel=1e-12)
+        direct = math.sqrt(float(((e @ gram) * e).sum()) / float(((w @ gram) * w).sum()))
+        assert weighted_error(W, approx, gram) == pytest.approx(direct, rel=1e-12)
+    assert math.ceil(1536 / _row_step(torch.empty(1536, 576))) > 10  # many blocks
+    assert relative_error(torch.zeros(3, 3), torch.zeros(3, 3)) == 0.0

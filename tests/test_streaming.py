@@ -295,6 +295,25 @@ def test_block_shard_written_from_tensor_memory_loads_with_safetensors(tmp_path:
         assert sizes[key] == want.numel() * want.element_size()
     with safe_open(tmp_path / "x.safetensors", "pt") as f:
         assert f.metadata() == {"format": "pt"}
+    from rankwise.decomposition.streaming import read_header
+
+    for key, entry in read_header(tmp_path / "x.safetensors").items():  # aligned as save_file aligns
+        assert entry["data_offsets"][0] % tensors[key].element_size() == 0, key
+
+
+def test_safetensors_writer_refuses_what_would_corrupt_the_file(tmp_path: Path) -> None:
+    """A short write, a name given twice, a dtype safetensors cannot hold: one-line errors."""
+    from rankwise.decomposition.streaming import write_safetensors
+
+    def short(key, dtype, out):
+        out.write(b"\0" * 3)
+
+    with pytest.raises(ModelLoadError, match="written with 3 bytes, not 8"):
+        write_safetensors(tmp_path / "a.safetensors", [("x", torch.float32, [2])], short)
+    with pytest.raises(ModelLoadError, match="given twice"):
+        write_safetensors(tmp_path / "b.safetensors", [("x", torch.float32, [2]), ("x", torch.float32, [2])], short)
+    with pytest.raises(ModelLoadError, match="cannot be stored in safetensors"):
+        write_safetensors(tmp_path / "c.safetensors", [("x", torch.quint8, [2])], short)
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
@@ -420,3 +439,27 @@ def test_streaming_a_model_four_times_the_memory_limit(tmp_path: Path) -> None:
     a, b = got.read(keys, torch.float32), ref.read(keys, torch.float32)
     # one thread there, this process's threads here: BLAS sums differ in the last bits, so compare the maps
     torch.testing.assert_close(a[keys[1]] @ a[keys[0]], b[keys[1]] @ b[keys[0]], rtol=1e-3, atol=1e-5)
+
+
+def test_tokenizer_saved_by_copying_its_files(tmp_path: Path, minilm) -> None:
+    """The streamed output's tokenizer is the source's files, copied: the bundled MiniLM's (vocab.txt,
+    BertTokenizer) loads and encodes as the original; a class's own vocabulary files (LUKE's entity
+    vocabulary) are copied too; a folder without a tokenizer gives none."""
+    from transformers import AutoTokenizer
+
+    from rankwise.decomposition.streaming import TokenizerFiles, source_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    files = TokenizerFiles(source_folder("minilm-l6"))
+    assert files and {Path(p).name for p in files.save_pretrained(out)} >= {"vocab.txt", "tokenizer_config.json"}
+    text = "Low-rank decomposition, without retraining: 3.14 dB."
+    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == minilm.tokenizer(text)["input_ids"]
+
+    luke = tmp_path / "luke"
+    luke.mkdir()
+    (luke / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LukeTokenizer"}))
+    (luke / "entity_vocab.json").write_text("{}")
+    (luke / "model.safetensors").write_text("not a tokenizer file")
+    assert {p.name for p in TokenizerFiles(luke).files()} == {"tokenizer_config.json", "entity_vocab.json"}
+    assert not TokenizerFiles(_tiny_folder(tmp_path / "tiny"))

@@ -35,6 +35,7 @@ to a temp folder that is removed on any error, so OUT is either complete or unto
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import math
@@ -81,6 +82,7 @@ _ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "C64": torch.complex64,
 }
 
 _ST_NAMES: dict[torch.dtype, str] = {v: k for k, v in _ST_DTYPES.items()}
@@ -199,12 +201,15 @@ class SafetensorsSource:
         Why not ``safetensors.save_file``: it needs every tensor in memory at once, and the stem (embeddings,
         head) is the largest thing a small model has (SmolLM2: 108 MiB, 7.5 blocks): copied in chunks, the
         streaming peak stays one block plus calibration buffers."""
-        specs = []
+        specs: list[tuple[str, torch.dtype, list[int]]] = []
         for key in keys:
             _, _, stored, shape = self._span(key)
             specs.append((key, dtype if stored.is_floating_point else stored, shape))
-        return write_safetensors(dest, specs, lambda key, out_dtype, f: self._copy_tensor(key, f, out_dtype,
-                                                                                             chunk_bytes))
+
+        def write(key: str, out_dtype: torch.dtype, out: Any) -> None:
+            self._copy_tensor(key, out, out_dtype, chunk_bytes)
+
+        return write_safetensors(dest, specs, write)
 
     def _copy_tensor(self, key: str, out: Any, out_dtype: torch.dtype, chunk_bytes: int) -> None:
         path, start, stored, shape = self._span(key)
@@ -228,16 +233,25 @@ class SafetensorsSource:
 
 
 def write_safetensors(dest: Path, specs: Iterable[tuple[str, torch.dtype, list[int]]],
-                  write_data: Callable[[str, torch.dtype, Any], None]) -> dict[str, int]:
-    """Write a safetensors file whose tensors ``specs`` (key, dtype, shape) are written by
-    ``write_data(key, dtype, file)`` in key order; returns key -> bytes. The file is what ``save_file``
-    writes: an 8-byte little-endian header length, the JSON header padded with spaces to 8 bytes, the data
-    in order (tested against safetensors' reader and writer)."""
-    ordered = sorted(specs, key=lambda spec: spec[0])
+                      write_data: Callable[[str, torch.dtype, Any], None]) -> dict[str, int]:
+    """Write a safetensors file of the tensors ``specs`` (key, dtype, shape), whose bytes
+    ``write_data(key, dtype, file)`` writes; returns key -> bytes.
+
+    The layout is ``save_file``'s: an 8-byte little-endian header length, the JSON header padded with spaces
+    to 8 bytes, then the data, largest element size first, so every tensor starts at a multiple of its
+    element size (readers that map the file and view it in place need that). Each tensor's byte count is
+    checked as it is written: a short or long write is an error, never a corrupt file."""
+    ordered = sorted(specs, key=lambda spec: (-spec[1].itemsize, spec[0]))
+    keys = [key for key, _, _ in ordered]
+    if len(set(keys)) != len(keys):
+        raise ModelLoadError(f"{dest.name}: a tensor name is given twice")
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     sizes: dict[str, int] = {}
     offset = 0
     for key, out_dtype, shape in ordered:
+        if out_dtype not in _ST_NAMES:
+            raise ModelLoadError(f"tensor {key}: dtype {str(out_dtype).removeprefix('torch.')} cannot be stored in "
+                                 "safetensors")
         n = math.prod(shape) * out_dtype.itemsize
         header[key] = {"dtype": _ST_NAMES[out_dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         sizes[key] = n
@@ -247,8 +261,13 @@ def write_safetensors(dest: Path, specs: Iterable[tuple[str, torch.dtype, list[i
     with open(dest, "wb") as out:
         out.write(len(text).to_bytes(8, "little"))
         out.write(text)
+        start = out.tell()
         for key, out_dtype, _ in ordered:
+            begin, end = header[key]["data_offsets"]
             write_data(key, out_dtype, out)
+            written = out.tell() - start - begin
+            if written != end - begin:
+                raise ModelLoadError(f"{dest.name}: tensor {key} was written with {written} bytes, not {end - begin}")
     return sizes
 
 
@@ -336,6 +355,18 @@ def _copy_buffers(tiny: nn.Module, model: nn.Module) -> None:
                 owner._buffers[attr] = buf.clone()
 
 
+@functools.cache
+def _libc() -> Any:
+    """glibc, looked up once (``find_library`` starts ``ldconfig``); None where there is none."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
+        return None
+
+
 def release_freed_memory() -> None:
     """Make glibc return freed tensor memory to the OS at once (a fixed 1 MiB mmap threshold).
 
@@ -343,14 +374,8 @@ def release_freed_memory() -> None:
     come from the heap, and a heap fragmented by a block's worth of tensors per step only grows: the
     process would keep about 10 MB per block streamed (measured) although no tensor is alive. With a fixed
     threshold every tensor above 1 MiB is its own mapping, unmapped when freed. No effect off glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError, TypeError):
-        pass
+    with contextlib.suppress(AttributeError, TypeError):
+        _libc().mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
 def trim_heap(collect: bool = True) -> None:
@@ -359,13 +384,10 @@ def trim_heap(collect: bool = True) -> None:
     threshold) would otherwise stay in the heap as free but resident memory, under the next step's arrays
     (measured: 5-10 MiB of a SmolLM2 block's peak). ``collect`` first frees objects held only by reference
     cycles (the tokenizer's). No effect off glibc."""
-    import ctypes
-    import ctypes.util
-
     if collect:
         gc.collect()  # objects in reference cycles (a tokenizer's) hold native memory until collected
-    with contextlib.suppress(OSError, AttributeError, TypeError):
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    with contextlib.suppress(AttributeError, TypeError):
+        _libc().malloc_trim(0)
 
 
 def _buffers_to(model: nn.Module, device: str) -> None:
@@ -601,7 +623,7 @@ def _run(model: nn.Module, adapter: ArchitectureAdapter, blocks: nn.Module, bloc
                 shards[shard_name[layer + 1]] = _save_shard(tmp / shard_name[layer + 1], state)
                 del state
                 _to_meta(block)
-                trim_heap()
+                trim_heap(collect=False)
                 update(layer + 1, n_layers)
     if calib_info is not None:
         calib_info["seconds"] = t_calib
@@ -663,7 +685,8 @@ def _tokenizer(folder: Path) -> Any:
 
 def _save_shard(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
     """Write one safetensors shard; returns key -> bytes. Each tensor's bytes go to the file from its own
-    memory (``save_file`` first copies every tensor into one bytes object: a second block in memory)."""
+    memory (``save_file`` first copies every tensor to a bytes object and holds them all: a second copy of
+    the block in memory)."""
     def write(key: str, dtype: torch.dtype, out: Any) -> None:
         t = tensors[key].detach().to("cpu").contiguous()
         if t.numel():
@@ -692,28 +715,52 @@ def _write_metadata(model: nn.Module, folder: Path, tmp: Path, report: Decomposi
     write_rankwise_files(model, tmp, report.plan, TokenizerFiles(folder), report)
 
 
-#: The files a Hugging Face tokenizer is saved as (``save_pretrained`` writes a subset of these).
+#: Files Hugging Face tokenizers are saved as; a folder's own tokenizer class adds its ``vocab_files_names``.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
-                   "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
+                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "spm.model",
+                   "sentencepiece.bpe.model", "source.spm", "target.spm", "bpe.codes", "tekken.json",
+                   "chat_template.jinja", "chat_template.json")
+#: Folders of tokenizer files (extra chat templates).
+TOKENIZER_FOLDERS = ("additional_chat_templates",)
 
 
 @dataclass(frozen=True)
 class TokenizerFiles:
-    """A source folder's tokenizer, saved by copying its files: loading it to save it would cost more memory
-    (transformers parses the whole vocabulary in Python) than a block of a small model, at the end of the
-    pass. Falsy when the folder has none, as :class:`~rankwise.models.zoo.MissingTokenizer` is."""
+    """A source folder's tokenizer, saved by copying its files as they are: loading it to save it would
+    cost more memory than a block of a small model (transformers' tokenizer peaks near 60 MiB for SmolLM2),
+    at the end of the pass. Which files: the usual names plus those the class named in
+    ``tokenizer_config.json`` declares (its ``vocab_files_names``; the class is imported, no vocabulary is
+    read). Falsy when the folder has none, as :class:`~rankwise.models.zoo.MissingTokenizer` is."""
 
     folder: Path
 
+    def names(self) -> set[str]:
+        names = set(TOKENIZER_FILES)
+        try:
+            config = json.loads((self.folder / "tokenizer_config.json").read_text())
+        except (OSError, ValueError):
+            config = None
+        class_name = config.get("tokenizer_class") if isinstance(config, dict) else None
+        if isinstance(class_name, str):
+            from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+            with contextlib.suppress(Exception):  # an unknown or unimportable class adds nothing
+                cls = tokenizer_class_from_name(class_name)
+                names |= {n for n in (getattr(cls, "vocab_files_names", None) or {}).values() if isinstance(n, str)}
+        return names
+
     def files(self) -> list[Path]:
-        return [self.folder / n for n in TOKENIZER_FILES if (self.folder / n).is_file()]
+        return sorted(self.folder / n for n in self.names() if (self.folder / n).is_file())
 
     def __bool__(self) -> bool:
         return bool(self.files())
 
     def save_pretrained(self, dest: str | os.PathLike[str]) -> tuple[str, ...]:
-        return tuple(str(shutil.copyfile(f, Path(dest) / f.name)) for f in self.files())
+        copied = [str(shutil.copyfile(f, Path(dest) / f.name)) for f in self.files()]
+        for name in TOKENIZER_FOLDERS:
+            if (self.folder / name).is_dir():
+                copied.append(str(shutil.copytree(self.folder / name, Path(dest) / name)))
+        return tuple(copied)
 
 
 def block_bytes(model_folder: str | os.PathLike[str], layer: int = 0, dtype: str = "float32") -> int:

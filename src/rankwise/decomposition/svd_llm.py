@@ -61,21 +61,26 @@ def whitening(gram: torch.Tensor, n: int, fallbacks: list[str], damping: float =
         raise DecompositionError(f"svd-llm: gram has shape {tuple(G.shape)}, weight has {n} input features")
     if not bool(torch.isfinite(G).all()):
         raise DecompositionError("svd-llm: calibration gram contains NaN/Inf")
-    G = 0.5 * (G + G.T)
+    G = G + G.T  # symmetrized in place from here on: at 7B widths each n × n float64 copy is up to 1 GB
+    G *= 0.5
     scale = float(torch.diagonal(G).mean())
     if scale <= 0.0:
         raise DecompositionError("svd-llm: calibration gram has no positive diagonal (zero activations or a corrupt gram)")
     if damping > 0.0:
-        G = G + (damping * scale) * torch.eye(n, dtype=torch.float64, device=G.device)
+        G.diagonal().add_(damping * scale)
     L, info = torch.linalg.cholesky_ex(G)
     if int(info) == 0:
         return Whitening(L, "cholesky")
-    eye = torch.eye(n, dtype=torch.float64, device=G.device)
+    del L
     for eps in JITTERS:
-        L, info = torch.linalg.cholesky_ex(G + (eps * scale) * eye)
+        jittered = G.clone()
+        jittered.diagonal().add_(eps * scale)  # G + eps·scale·I without an identity matrix
+        L, info = torch.linalg.cholesky_ex(jittered)
+        del jittered
         if int(info) == 0:
             _note(fallbacks, f"svd-llm: cholesky failed (gram not positive definite); added jitter {eps:g}·mean(diag)")
             return Whitening(L, "cholesky+jitter")
+        del L
     lam, Q = torch.linalg.eigh(G)
     floor = EIG_FLOOR * scale
     clamped = int((lam < floor).sum())
