@@ -461,5 +461,5 @@ def test_tokenizer_saved_by_copying_its_files(tmp_path: Path, minilm) -> None:
     (luke / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LukeTokenizer"}))
     (luke / "entity_vocab.json").write_text("{}")
     (luke / "model.safetensors").write_text("not a tokenizer file")
-    assert {p.name for p in TokenizerFiles(luke).files()} == {"tokenizer_config.json", "entity_vocab.json"}
+    assert {p.name for p in TokenizerFiles(luke).files} == {"tokenizer_config.json", "entity_vocab.json"}
     assert not TokenizerFiles(_tiny_folder(tmp_path / "tiny"))

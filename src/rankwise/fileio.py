@@ -14,6 +14,7 @@ rescue folder (and says where) when the requested path fails at the end anyway.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
@@ -43,6 +44,20 @@ def file_mode() -> int:
 def dir_mode() -> int:
     """0777 minus the umask: what ``mkdir`` would create."""
     return 0o777 & ~_umask()
+
+
+@functools.cache
+def libc() -> Any:
+    """The C library (``errno`` kept for ``ctypes.get_errno``), looked up once: ``find_library`` starts
+    ``ldconfig``. For what ``os`` lacks: ``renameat2`` (an atomic folder swap) and glibc's allocator controls.
+    None where there is no C library to load; callers treat a missing function as "not available"."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    except (OSError, TypeError):
+        return None
 
 
 def pid_alive(pid: int) -> bool:

@@ -20,7 +20,6 @@ Leftover temp folders of dead processes are removed by the next run (:func:`clea
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import hashlib
 import os
@@ -32,7 +31,7 @@ from pathlib import Path
 
 from rankwise.checkpoint.format import REPORT_FILE, is_checkpoint
 from rankwise.errors import OutputError, RankwiseError, first_line
-from rankwise.fileio import check_output_path, dir_mode, file_mode, pid_alive, remove_stale
+from rankwise.fileio import check_output_path, dir_mode, file_mode, libc, pid_alive, remove_stale
 
 
 class CheckpointError(OutputError):
@@ -153,11 +152,9 @@ _AT_FDCWD = -100
 
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux ``renameat2``); False where the OS or filesystem cannot."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError, TypeError):
+        renameat2 = libc().renameat2
+    except AttributeError:  # no C library, or one without renameat2
         return False
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:

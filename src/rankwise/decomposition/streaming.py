@@ -69,8 +69,9 @@ from rankwise.decomposition.base import CalibrationStats, get_method
 from rankwise.decomposition.report import DecompositionReport, TargetReport
 from rankwise.design.plan import DecompSpec, Plan
 from rankwise.errors import ModelLoadError, PlanError, first_line
+from rankwise.fileio import libc
 from rankwise.models.adapters import ArchitectureAdapter, TargetInfo, adapter_for
-from rankwise.models.zoo import parse_dtype
+from rankwise.models.zoo import TOKENIZER_DEFINITION_FILES, parse_dtype
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -355,18 +356,6 @@ def _copy_buffers(tiny: nn.Module, model: nn.Module) -> None:
                 owner._buffers[attr] = buf.clone()
 
 
-@functools.cache
-def _libc() -> Any:
-    """glibc, looked up once (``find_library`` starts ``ldconfig``); None where there is none."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c"))
-    except (OSError, TypeError):
-        return None
-
-
 def release_freed_memory() -> None:
     """Make glibc return freed tensor memory to the OS at once (a fixed 1 MiB mmap threshold).
 
@@ -375,7 +364,7 @@ def release_freed_memory() -> None:
     process would keep about 10 MB per block streamed (measured) although no tensor is alive. With a fixed
     threshold every tensor above 1 MiB is its own mapping, unmapped when freed. No effect off glibc."""
     with contextlib.suppress(AttributeError, TypeError):
-        _libc().mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc().mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
 def trim_heap(collect: bool = True) -> None:
@@ -387,7 +376,7 @@ def trim_heap(collect: bool = True) -> None:
     if collect:
         gc.collect()  # objects in reference cycles (a tokenizer's) hold native memory until collected
     with contextlib.suppress(AttributeError, TypeError):
-        _libc().malloc_trim(0)
+        libc().malloc_trim(0)
 
 
 def _buffers_to(model: nn.Module, device: str) -> None:
@@ -715,11 +704,12 @@ def _write_metadata(model: nn.Module, folder: Path, tmp: Path, report: Decomposi
     write_rankwise_files(model, tmp, report.plan, TokenizerFiles(folder), report)
 
 
-#: Files Hugging Face tokenizers are saved as; a folder's own tokenizer class adds its ``vocab_files_names``.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "spm.model",
-                   "sentencepiece.bpe.model", "source.spm", "target.spm", "bpe.codes", "tekken.json",
-                   "chat_template.jinja", "chat_template.json")
+#: Files copied as a tokenizer: those that make a folder have one (the zoo's list), more vocabulary files
+#: some families use, and the companions ``save_pretrained`` writes; a folder's own tokenizer class adds its
+#: ``vocab_files_names``.
+TOKENIZER_FILES = (*TOKENIZER_DEFINITION_FILES, "spm.model", "source.spm", "target.spm", "bpe.codes",
+                   "tekken.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json")
 #: Folders of tokenizer files (extra chat templates).
 TOKENIZER_FOLDERS = ("additional_chat_templates",)
 
@@ -734,6 +724,7 @@ class TokenizerFiles:
 
     folder: Path
 
+    @functools.cached_property
     def names(self) -> set[str]:
         names = set(TOKENIZER_FILES)
         try:
@@ -749,14 +740,16 @@ class TokenizerFiles:
                 names |= {n for n in (getattr(cls, "vocab_files_names", None) or {}).values() if isinstance(n, str)}
         return names
 
+    @functools.cached_property
     def files(self) -> list[Path]:
-        return sorted(self.folder / n for n in self.names() if (self.folder / n).is_file())
+        """Read once: ``write_rankwise_files`` asks whether there are any, then copies them."""
+        return sorted(self.folder / n for n in self.names if (self.folder / n).is_file())
 
     def __bool__(self) -> bool:
-        return bool(self.files())
+        return bool(self.files)
 
     def save_pretrained(self, dest: str | os.PathLike[str]) -> tuple[str, ...]:
-        copied = [str(shutil.copyfile(f, Path(dest) / f.name)) for f in self.files()]
+        copied = [str(shutil.copyfile(f, Path(dest) / f.name)) for f in self.files]
         for name in TOKENIZER_FOLDERS:
             if (self.folder / name).is_dir():
                 copied.append(str(shutil.copytree(self.folder / name, Path(dest) / name)))

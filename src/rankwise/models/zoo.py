@@ -243,8 +243,8 @@ def _load_hub(model_id: str, dtype: torch.dtype, device: str) -> LoadedModel:
 
 
 #: Files any transformers tokenizer is saved as; a folder with none of them has no tokenizer at all.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                    "merges.txt", "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_DEFINITION_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                              "vocab.txt", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
 
 
 class MissingTokenizer:
@@ -289,7 +289,7 @@ def _optional_tokenizer(load_it: Any, source: str, folder: Path | None) -> Any:
     A folder without tokenizer files is not even tried: for some families transformers would build an
     empty tokenizer (special tokens only) from the config alone, which tokenizes every word as unknown.
     """
-    if folder is not None and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+    if folder is not None and not any((folder / f).is_file() for f in TOKENIZER_DEFINITION_FILES):
         reason = "no tokenizer files in the folder"
     else:
         try:
