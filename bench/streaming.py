@@ -68,13 +68,22 @@ CHILD = textwrap.dedent("""
                           num_attention_heads=4, num_key_value_heads=2)
         torch.manual_seed(0)
         LlamaForCausalLM(cfg).save_pretrained(tiny + "/src")
-        ids = torch.randint(0, 64, (4, 32))
+        # a 64-word tokenizer, so the warm-up takes the measured run's path (tokenizer loaded from the folder,
+        # calibration text read and encoded) and the tokenizer modules transformers imports lazily, on first
+        # use, are in the baseline like the rest of the library
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+        words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(63)} | {"[UNK]": 63}, unk_token="[UNK]"))
+        words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(tiny + "/src")
+        del words
+        text = CalibrationConfig(n_samples=4, seq_len=32)
         tiny_plan = {"layers": "all", "tensors": "all", "rank": 4, "method": "svd-llm"}
-        m = load(tiny + "/src").model
-        decompose(m, tiny_plan, ids, progress=False, use_cache=False)
-        save(m, tiny + "/whole")
-        del m
-        stream_decompose(tiny + "/src", tiny + "/stream", tiny_plan, ids, progress=False)
+        loaded = load(tiny + "/src")
+        decompose(loaded.model, tiny_plan, text, tokenizer=loaded.tokenizer, progress=False, use_cache=False)
+        save(loaded.model, tiny + "/whole", tokenizer=loaded.tokenizer)
+        del loaded
+        stream_decompose(tiny + "/src", tiny + "/stream", tiny_plan, text, progress=False)
     open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
     base = status("VmRSS")
     mode, src, out, plan = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
