@@ -9,8 +9,9 @@ Protocol (one run, one machine):
   128 tokens of WikiText-2 validation, so the calibration set flows through every block;
 * each mode runs in a fresh child process (OMP_NUM_THREADS=1). The child imports torch, transformers and
   rankwise, then warms up: both pipelines (whole and streaming) once on a tiny random Llama (64 wide, 2
-  blocks), the same in both modes, so the pages of library code mapped on first use (about 20 MiB of
-  libtorch) and one-time runtime buffers are not counted as work (the table prints this warm-up's cost).
+  blocks, a 64-word tokenizer, calibrated from the same text), the same in both modes, so the pages of
+  library code mapped on first use (about 20 MiB of libtorch), the modules transformers imports lazily
+  and one-time runtime buffers are not counted as work (the table prints this warm-up's cost).
   The warm-up's ``stream_decompose`` also fixes glibc's mmap threshold for the process
   (``release_freed_memory``), so both modes run under the same allocator setting (whole-model numbers
   are lower than in runs before this protocol: 664 -> 578 MiB at 30 blocks).
