@@ -27,10 +27,10 @@ Protocol (one run, one machine):
 
 Target: streaming work peak < 3x (one block + calibration buffers) at every depth, and flat in depth.
 
-    .venv/bin/python bench/streaming.py                 # ~25 min on 2 cores
+    .venv/bin/python bench/streaming.py                 # ~3 min on 2 cores (measured 2 min 33 s)
     .venv/bin/python bench/streaming.py --depths 30,60  # shorter
     .venv/bin/python bench/streaming.py --depths 30 --calib-samples 128 --calib-seq-len 512 \
-        --json bench/results/streaming-default-calibration.json   # rankwise's default calibration, ~20 min
+        --json bench/results/streaming-default-calibration.json   # rankwise's default calibration, ~9 min
 
 The default 8 x 128-token calibration is the stress case: its buffers (4.5 MiB) are a third of one block,
 so fixed costs (the tokenizer, a calibration batch's activations, decomposition workspace) weigh most.
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -126,6 +127,7 @@ def main() -> None:
 
     from rankwise.decomposition.streaming import (
         SafetensorsSource,
+        block_bytes,
         build_skeleton,
         repeat_blocks,
         source_folder,
@@ -135,10 +137,9 @@ def main() -> None:
     original = source_folder("smollm2-135m")
     skeleton = build_skeleton(original, torch.float32)
     adapter = adapter_for(skeleton)
-    block = sum(p.numel() * p.element_size() for p in adapter.block(0).parameters())
+    block = block_bytes(original)
     src = SafetensorsSource.open(original)
-    stem = sum(torch.empty(0, dtype=torch.float32).element_size() * _numel(src.entries[k]["shape"])
-               for k in src.files if adapter.layer_of(k) is None)
+    stem = sum(4 * math.prod(src.entries[k]["shape"]) for k in src.files if adapter.layer_of(k) is None)  # float32
     hidden = skeleton.config.hidden_size
     buffers = 2 * args.calib_samples * args.calib_seq_len * hidden * 4
     budget = block + buffers
@@ -193,13 +194,6 @@ def main() -> None:
                                   "stream_work_growth": growth,
                                   "calibration": {"n_samples": args.calib_samples, "seq_len": args.calib_seq_len},
                                   "rows": rows, "target_met": ok})
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 if __name__ == "__main__":

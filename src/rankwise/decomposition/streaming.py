@@ -773,10 +773,8 @@ def block_bytes(model_folder: str | os.PathLike[str], layer: int = 0, dtype: str
 def repeat_blocks(source: str | os.PathLike[str], out: str | os.PathLike[str], n_layers: int,
                   blocks_per_shard: int = 16) -> Path:
     """Write a deeper copy of a model: its blocks repeated (block i is block i mod L of ``source``) until it
-    has ``n_layers``, sharded, one block in memory at a time. A model larger than memory out of a small one,
-    for the streaming memory test and benchmark (the weights are real, the depth is not)."""
-    from safetensors.torch import save_file
-
+    has ``n_layers``, sharded, one shard's blocks in memory at a time. A model larger than memory out of a
+    small one, for the streaming memory test and benchmark (the weights are real, the depth is not)."""
     folder = source_folder(source)
     src = SafetensorsSource.open(folder)
     config = read_config(folder) or {}
@@ -800,9 +798,9 @@ def repeat_blocks(source: str | os.PathLike[str], out: str | os.PathLike[str], n
     def write(index: int, tensors: dict[str, torch.Tensor]) -> None:
         nonlocal total
         name = f"model-{index + 1:05d}-of-{n_shards:05d}.safetensors"
-        save_file(tensors, str(out / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, name))
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        sizes = _save_shard(out / name, tensors)
+        weight_map.update(dict.fromkeys(sizes, name))
+        total += sum(sizes.values())
 
     first = src.entries[stem[0]]["dtype"] if stem else "F32"
     write(0, src.read(stem, _ST_DTYPES[first]))
