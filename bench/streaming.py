@@ -4,7 +4,11 @@ the model's depth; the whole-model path grows with the model.
 Protocol (one run, one machine):
 
 * models: SmolLM2-135M's safetensors (30 blocks, float32) and deeper copies of it (its blocks repeated,
-  ``rankwise.decomposition.streaming.repeat_blocks``): 30, 60 and 120 blocks by default;
+  ``rankwise.decomposition.streaming.repeat_blocks``): 30, 60 and 120 blocks by default. ``--shape
+  tinyllama``: blocks of TinyLlama-1.1B's shape (2048 wide, MLP 5632, 4 KV heads; 168 MiB in float32) with
+  seeded random weights, SmolLM2's tokenizer and vocabulary, repeated to 11 and 22 blocks (22 is
+  TinyLlama's depth: a 4.1 GB model). Memory does not depend on the weights' values; what this shows is
+  the peak at a block size where the fixed costs below no longer outweigh a block;
 * plan (both modes): SVD-LLM at rank 8 on q_proj of the first and the last block, calibration 8 windows x
   128 tokens of WikiText-2 validation, so the calibration set flows through every block;
 * each mode runs in a fresh child process (OMP_NUM_THREADS=1). The child imports torch, transformers and
@@ -31,9 +35,13 @@ Target: streaming work peak < 3x (one block + calibration buffers) at every dept
     .venv/bin/python bench/streaming.py --depths 30,60  # shorter
     .venv/bin/python bench/streaming.py --depths 30 --calib-samples 128 --calib-seq-len 512 \
         --json bench/results/streaming-default-calibration.json   # rankwise's default calibration, ~9 min
+    .venv/bin/python bench/streaming.py --shape tinyllama  # 1.1B-shaped blocks, ~5 min, 8.2 GB of disk at most
 
-The default 8 x 128-token calibration is the stress case: its buffers (4.5 MiB) are a third of one block,
-so fixed costs (the tokenizer, a calibration batch's activations, decomposition workspace) weigh most.
+The default 8 x 128-token calibration on SmolLM2's 14 MiB blocks is the stress case: its buffers (4.5 MiB)
+are a third of one block, so fixed costs that do not grow with the model (the tokenizer, about 40 MiB
+at its peak; a calibration batch's activations; the solver's workspace) weigh most, and the 3x target is
+not met there (3.3-3.5x, measured). It is met at rankwise's default calibration (1.3x) and on 1.1B-shaped
+blocks with the same 8 x 128 set (1.9x); see the README's table.
 """
 
 from __future__ import annotations
@@ -115,13 +123,50 @@ def mib(n: float) -> str:
     return f"{n / 2**20:,.0f}"
 
 
+#: Synthetic block shapes (``--shape``): a real model's width, random weights. Memory does not depend on the
+#: weights' values, so this measures the peak at the block sizes of larger models, where a fixed cost (the
+#: tokenizer, one-time solver workspace) no longer weighs as much as it does against SmolLM2's 14 MiB blocks.
+SHAPES = {
+    "tinyllama": {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 32,
+                  "num_key_value_heads": 4},  # TinyLlama-1.1B's block: 176 MiB in float32
+}
+
+
+def synthetic_model(shape: str, original: Path, dest: Path) -> Path:
+    """A one-block Llama of ``shape`` with random (seeded) weights, SmolLM2's tokenizer and vocabulary (so the
+    calibration text and token ids are the bundled model's) and tied embeddings, saved as safetensors."""
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    from rankwise.decomposition.streaming import TokenizerFiles
+
+    config = AutoConfig.from_pretrained(original)
+    for key, value in {**SHAPES[shape], "num_hidden_layers": 1, "tie_word_embeddings": True}.items():
+        setattr(config, key, value)
+    config.head_dim = config.hidden_size // config.num_attention_heads
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(dest)
+    TokenizerFiles(original).save_pretrained(dest)
+    return dest
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--depths", default="30,60,120", help="block counts to measure (30 = the real model)")
+    parser.add_argument("--depths", default=None,
+                        help="block counts to measure (default 30,60,120; 30 = the real model; with --shape 11,22)")
+    parser.add_argument("--shape", choices=["smollm2", *SHAPES], default="smollm2",
+                        help="smollm2: the bundled model's real blocks; tinyllama: TinyLlama-1.1B-shaped blocks "
+                             "(hidden 2048, MLP 5632, 32 heads, 4 KV heads) with random weights")
     parser.add_argument("--calib-samples", type=int, default=8)
     parser.add_argument("--calib-seq-len", type=int, default=128)
-    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "streaming.json")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="default bench/results/streaming.json (streaming-<shape>.json with --shape)")
     args = parser.parse_args()
+    depths = [int(d) for d in (args.depths or ("30,60,120" if args.shape == "smollm2" else "11,22")).split(",")]
+    out_json = args.json or Path(__file__).parent / "results" / (
+        "streaming.json" if args.shape == "smollm2" else f"streaming-{args.shape}.json")
+
+    import shutil
 
     import torch
 
@@ -134,25 +179,29 @@ def main() -> None:
     )
     from rankwise.models.adapters import adapter_for
 
-    original = source_folder("smollm2-135m")
-    skeleton = build_skeleton(original, torch.float32)
-    adapter = adapter_for(skeleton)
-    block = block_bytes(original)
-    src = SafetensorsSource.open(original)
-    stem = sum(4 * math.prod(src.entries[k]["shape"]) for k in src.files if adapter.layer_of(k) is None)  # float32
-    hidden = skeleton.config.hidden_size
-    buffers = 2 * args.calib_samples * args.calib_seq_len * hidden * 4
-    budget = block + buffers
-    rows = []
     with tempfile.TemporaryDirectory(prefix="rankwise-bench-streaming-") as tmp:
-        for depth in [int(d) for d in args.depths.split(",")]:
-            folder = original if depth == 30 else repeat_blocks(original, Path(tmp) / f"d{depth}", depth)
+        bundled = source_folder("smollm2-135m")
+        base = bundled if args.shape == "smollm2" else synthetic_model(args.shape, bundled, Path(tmp) / "base")
+        base_depth = 30 if args.shape == "smollm2" else 1
+        skeleton = build_skeleton(base, torch.float32)
+        adapter = adapter_for(skeleton)
+        block = block_bytes(base)
+        src = SafetensorsSource.open(base)
+        stem = sum(4 * math.prod(src.entries[k]["shape"]) for k in src.files if adapter.layer_of(k) is None)
+        hidden = skeleton.config.hidden_size
+        del skeleton, src
+        buffers = 2 * args.calib_samples * args.calib_seq_len * hidden * 4
+        budget = block + buffers
+        rows = []
+        for depth in depths:
+            folder = base if depth == base_depth else repeat_blocks(base, Path(tmp) / f"d{depth}", depth)
             size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
             plan = {"layers": [0, depth - 1], "tensors": ["q"], "rank": 8, "method": "svd-llm"}
             got = {}
             for mode in ("whole", "streaming"):
-                got[mode] = run_child(mode, folder, Path(tmp) / f"out-{mode}-{depth}", plan, args.calib_samples,
-                                      args.calib_seq_len)
+                out = Path(tmp) / f"out-{mode}-{depth}"
+                got[mode] = run_child(mode, folder, out, plan, args.calib_samples, args.calib_seq_len)
+                shutil.rmtree(out, ignore_errors=True)  # the disk holds one output at a time
                 print(f"depth {depth} {mode}: {json.dumps(got[mode])}", file=sys.stderr, flush=True)
             w = got["whole"]["peak"] - got["whole"]["baseline"]
             s = got["streaming"]["peak"] - got["streaming"]["baseline"]
@@ -163,10 +212,12 @@ def main() -> None:
                          "whole_s": got["whole"]["seconds"],
                          "stream_s": got["streaming"]["seconds"], "whole_over_stream": w / s,
                          "stream_over_budget": s / budget})
-            if folder != original:
-                import shutil
-
+            if folder != base:
                 shutil.rmtree(folder)
+    what = ("SmolLM2-135M's blocks" if args.shape == "smollm2"
+            else f"{args.shape}-shaped blocks ({', '.join(f'{k} {v}' for k, v in SHAPES[args.shape].items())}; "
+                 f"random weights, SmolLM2's tokenizer and vocabulary)")
+    print(f"model: {what}")
     print(f"one block {mib(block)} MiB; non-block tensors (embeddings, norm; never whole in memory when "
           f"streaming) {mib(stem)} MiB; calibration buffers 2 x {args.calib_samples} x {args.calib_seq_len} x "
           f"{hidden} x 4 B = {mib(buffers)} MiB; budget one block + buffers = {mib(budget)} MiB")
@@ -181,19 +232,22 @@ def main() -> None:
               f"{mib(r['stream_peak']):>11} {mib(r['stream_work']):>11} {r['whole_over_stream']:>12.2f} "
               f"{r['stream_over_budget']:>13.2f} {r['whole_s']:>7.0f} {r['stream_s']:>8.0f}")
     ok = all(r["stream_over_budget"] < 3 for r in rows)
-    print(f"target streaming work peak < 3x (one block + calibration buffers): {'met' if ok else 'NOT met'}")
+    missed = [str(r["blocks"]) for r in rows if r["stream_over_budget"] >= 3]
+    print(f"target streaming work peak < 3x (one block + calibration buffers): "
+          f"{'met at every depth' if ok else 'NOT met at ' + ', '.join(missed) + ' blocks'} "
+          f"({what.split(' (')[0]}, calibration {args.calib_samples} x {args.calib_seq_len})")
     growth = rows[-1]["stream_work"] / rows[0]["stream_work"]
     print(f"streaming work peak at {rows[-1]['blocks']} blocks / at {rows[0]['blocks']} blocks: {growth:.2f}x "
           f"(model {rows[-1]['model_bytes'] / rows[0]['model_bytes']:.2f}x; whole-model work "
           f"{rows[-1]['whole_work'] / rows[0]['whole_work']:.2f}x)")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
     from rankwise.fileio import write_json_atomic
 
-    write_json_atomic(args.json, {"block_bytes": block, "stem_bytes": stem, "calibration_buffer_bytes": buffers,
-                                  "budget_bytes": budget, "budget": "one block + calibration buffers",
-                                  "stream_work_growth": growth,
-                                  "calibration": {"n_samples": args.calib_samples, "seq_len": args.calib_seq_len},
-                                  "rows": rows, "target_met": ok})
+    write_json_atomic(out_json, {"shape": args.shape, "block_bytes": block, "stem_bytes": stem,
+                                 "calibration_buffer_bytes": buffers, "budget_bytes": budget,
+                                 "budget": "one block + calibration buffers", "stream_work_growth": growth,
+                                 "calibration": {"n_samples": args.calib_samples, "seq_len": args.calib_seq_len},
+                                 "rows": rows, "target_met": ok})
 
 
 if __name__ == "__main__":
