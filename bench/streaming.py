@@ -35,7 +35,7 @@ Target: streaming work peak < 3x (one block + calibration buffers) at every dept
     .venv/bin/python bench/streaming.py --depths 30,60  # shorter
     .venv/bin/python bench/streaming.py --depths 30 --calib-samples 128 --calib-seq-len 512 \
         --json bench/results/streaming-default-calibration.json   # rankwise's default calibration, ~9 min
-    .venv/bin/python bench/streaming.py --shape tinyllama  # 1.1B-shaped blocks, ~5 min, 8.2 GB of disk at most
+    .venv/bin/python bench/streaming.py --shape tinyllama  # 1.1B-shaped blocks, ~5 min, 9 GB of disk at most
 
 The default 8 x 128-token calibration on SmolLM2's 14 MiB blocks is the stress case: its buffers (4.5 MiB)
 are a third of one block, so fixed costs that do not grow with the model (the tokenizer, about 40 MiB
@@ -128,7 +128,7 @@ def mib(n: float) -> str:
 #: tokenizer, one-time solver workspace) no longer weighs as much as it does against SmolLM2's 14 MiB blocks.
 SHAPES = {
     "tinyllama": {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 32,
-                  "num_key_value_heads": 4},  # TinyLlama-1.1B's block: 176 MiB in float32
+                  "num_key_value_heads": 4},  # TinyLlama-1.1B's block: 168 MiB in float32
 }
 
 
@@ -214,10 +214,11 @@ def main() -> None:
                          "stream_over_budget": s / budget})
             if folder != base:
                 shutil.rmtree(folder)
-    what = ("SmolLM2-135M's blocks" if args.shape == "smollm2"
-            else f"{args.shape}-shaped blocks ({', '.join(f'{k} {v}' for k, v in SHAPES[args.shape].items())}; "
-                 f"random weights, SmolLM2's tokenizer and vocabulary)")
-    print(f"model: {what}")
+    name = "SmolLM2-135M's blocks" if args.shape == "smollm2" else f"{args.shape}-shaped blocks"
+    details = "" if args.shape == "smollm2" else (
+        f" ({', '.join(f'{k} {v}' for k, v in SHAPES[args.shape].items())}; random weights, SmolLM2's tokenizer "
+        f"and vocabulary)")
+    print(f"model: {name}{details}")
     print(f"one block {mib(block)} MiB; non-block tensors (embeddings, norm; never whole in memory when "
           f"streaming) {mib(stem)} MiB; calibration buffers 2 x {args.calib_samples} x {args.calib_seq_len} x "
           f"{hidden} x 4 B = {mib(buffers)} MiB; budget one block + buffers = {mib(budget)} MiB")
@@ -235,7 +236,7 @@ def main() -> None:
     missed = [str(r["blocks"]) for r in rows if r["stream_over_budget"] >= 3]
     print(f"target streaming work peak < 3x (one block + calibration buffers): "
           f"{'met at every depth' if ok else 'NOT met at ' + ', '.join(missed) + ' blocks'} "
-          f"({what.split(' (')[0]}, calibration {args.calib_samples} x {args.calib_seq_len})")
+          f"({name}, calibration {args.calib_samples} x {args.calib_seq_len})")
     growth = rows[-1]["stream_work"] / rows[0]["stream_work"]
     print(f"streaming work peak at {rows[-1]['blocks']} blocks / at {rows[0]['blocks']} blocks: {growth:.2f}x "
           f"(model {rows[-1]['model_bytes'] / rows[0]['model_bytes']:.2f}x; whole-model work "
